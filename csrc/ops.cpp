@@ -1,0 +1,50 @@
+// Op schemas of sparseadapter_kernels, defined once. Kernels live in csrc/cpu/*.cpp (CPU) and
+// csrc/cuda/*.cu (CUDA); fakes and autograd are registered in sparseadapter_kernels/ops.py; the
+// plain-PyTorch twin of every op is in sparseadapter_kernels/reference.py.
+//
+// Storage conventions (sparseadapter_kernels/formats.py): W is [out, in]; CSR values are [nnz],
+// BSR values are [nblocks, bh, bw]; every index tensor is int32. A "perm" argument means the op
+// applies the transpose structure: entry k takes values[perm[k]] (for BSR the block transposed).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing sparseadapter_kernels._C runs the static registrations below (extension-cpp pattern).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparseadapter_kernels, m) {
+  // y[N, M] = x[N, K] @ A.T, A = CSR [M, K] with M = crow_indices.numel() - 1.
+  m.def("csr_spmm(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? perm) -> Tensor");
+  // y[N, M] = x[N, K] @ A.T, A = BSR with blocks values[nb, bh, bw] (values[perm[k]].T when perm is given).
+  m.def("bsr_spmm(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? perm) -> Tensor");
+  // grad_values[k] = sum_n dy[n, row(k)] * x[n, col(k)]  -> [nnz]
+  m.def("csr_sddmm(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor");
+  // grad_values[b] = dy[:, block rows of b].T @ x[:, block cols of b]  -> [nblocks, block_h, block_w]
+  m.def("bsr_sddmm(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, int block_h, int block_w) -> Tensor");
+  // Differentiable y = x @ W.T; the t_* transpose structure is carried for the backward (dx = dy @ W).
+  m.def("csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+        "Tensor t_crow_indices, Tensor t_row_indices, Tensor t_perm) -> Tensor");
+  m.def("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+        "Tensor t_crow_indices, Tensor t_row_indices, Tensor t_perm) -> Tensor");
+  // Fused bottleneck adapter, CSR (values 1-D) or BSR (values 3-D):
+  //   hidden = x @ Wd.T + bd;  out = residual + scale * (act(hidden) @ Wu.T + bu)
+  // returns (out [N, d_out], hidden [N, r]); activation in {relu, gelu, silu, identity}.
+  m.def("fused_adapter(Tensor x, Tensor? residual, "
+        "Tensor down_values, Tensor down_crow_indices, Tensor down_col_indices, "
+        "Tensor down_t_crow_indices, Tensor down_t_row_indices, Tensor down_t_perm, Tensor? down_bias, "
+        "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
+        "Tensor up_t_crow_indices, Tensor up_t_row_indices, Tensor up_t_perm, Tensor? up_bias, "
+        "str activation, float scale) -> (Tensor, Tensor)");
+  // Gradients of fused_adapter -> (grad_x without the residual term, grad_down_values, grad_down_bias,
+  // grad_up_values, grad_up_bias).
+  m.def("fused_adapter_backward(Tensor grad_out, Tensor x, Tensor hidden, "
+        "Tensor down_values, Tensor down_crow_indices, Tensor down_col_indices, "
+        "Tensor down_t_crow_indices, Tensor down_t_row_indices, Tensor down_t_perm, "
+        "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
+        "Tensor up_t_crow_indices, Tensor up_t_row_indices, Tensor up_t_perm, "
+        "str activation, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,275 @@
+"""Every public op: the Python wrapper, its fake (meta) and its autograd registration.
+
+Backends of :func:`sparse_linear` / :func:`sparse_adapter`:
+
+* ``"reference"`` — plain PyTorch on the dense masked weight (any device, any float dtype);
+* ``"cpu"`` / ``"cuda"`` — the C++/CUDA kernels of ``csrc/`` (ops ``sparseadapter_kernels::*``);
+* ``"triton"`` — the Triton kernels of ``sparseadapter_kernels/triton`` (CUDA, or CPU under
+  ``TRITON_INTERPRET=1``);
+* ``"auto"`` — the fastest correct one for the device, dtype and shape (dense math where sparse
+  would be slower, by the measured crossover in :mod:`sparseadapter_kernels.dispatch`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import reference
+from ._extension import EXTENSION
+from .formats import SparseWeight
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+_lib = torch.ops.sparseadapter_kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend discovery
+# ---------------------------------------------------------------------------------------------
+def backend_status() -> Dict[str, Tuple[bool, str]]:
+    """``{backend: (usable, reason)}`` for this install and machine."""
+    from . import triton as triton_backend
+
+    status = {"reference": (True, "plain PyTorch, every device and float dtype")}
+    if not EXTENSION.loaded:
+        status["cpu"] = (False, f"compiled extension not loaded: {EXTENSION.error}")
+        status["cuda"] = (False, f"compiled extension not loaded: {EXTENSION.error}")
+    else:
+        status["cpu"] = (EXTENSION.has_cpu, f"C++ kernels from {EXTENSION.source}" if EXTENSION.has_cpu
+                         else "extension built without CPU kernels")
+        if not EXTENSION.has_cuda:
+            status["cuda"] = (False, "extension built without CUDA kernels (no CUDA toolkit or CPU-only torch at build time)")
+        elif not torch.cuda.is_available():
+            status["cuda"] = (False, "CUDA kernels built, but no CUDA device is visible")
+        else:
+            status["cuda"] = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+    status["triton"] = triton_backend.status()
+    return status
+
+
+def available_backends() -> List[str]:
+    """Backends this install and machine can run (``"auto"`` is always accepted as well)."""
+    return [name for name, (ok, _) in backend_status().items() if ok]
+
+
+def _resolve_backend(backend: str, x: torch.Tensor, w: SparseWeight, op: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        from .dispatch import choose_backend
+
+        return choose_backend(x, w, op)
+    if backend == "reference":
+        return backend
+    usable, reason = backend_status()[backend]
+    if not usable:
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu': expected CPU tensors, got x on {x.device}")
+    if backend == "cuda" and x.device.type != "cuda":
+        raise ValueError(f"backend='cuda': expected CUDA tensors, got x on {x.device}")
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        triton_backend.check_inputs(x, w, op)
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation (public surface)
+# ---------------------------------------------------------------------------------------------
+def _check_weight(name: str, w) -> None:
+    if not isinstance(w, SparseWeight):
+        raise TypeError(f"{name}: expected a SparseWeight, got {type(w).__name__} "
+                        "(build one with SparseWeight.from_dense(weight, mask))")
+
+
+def _check_x(x, w: SparseWeight, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != w.in_features:
+        raise ValueError(f"{name}: expected shape [..., {w.in_features}] (in_features of the weight), got {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"{name}: expected dtype {w.dtype} (the weight's), got {x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"{name}: expected device {w.device} (the weight's), got {x.device}")
+
+
+def _check_bias(name: str, bias, n: int, like: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(bias.shape)}")
+    if bias.dtype != like.dtype or bias.device != like.device:
+        raise TypeError(f"{name}: expected {like.dtype} on {like.device}, got {bias.dtype} on {bias.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops
+# ---------------------------------------------------------------------------------------------
+def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: Optional[torch.Tensor] = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """``y = x @ W.T + bias`` for a sparse ``W [out, in]``; ``x [..., in]`` -> ``y [..., out]``.
+
+    Differentiable in ``x``, ``w.values`` (only the kept entries: SDDMM) and ``bias``.
+    """
+    _check_weight("w", w)
+    _check_x(x, w)
+    _check_bias("bias", bias, w.out_features, x)
+    backend = _resolve_backend(backend, x, w, "linear")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.in_features).contiguous()
+    if backend == "reference":
+        y = reference.sparse_linear(x2, w, bias)
+        return y.reshape(*lead, w.out_features)
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        y = triton_backend.sparse_linear(x2, w)
+    else:
+        linear = _lib.csr_linear if w.layout == "csr" else _lib.bsr_linear
+        y = linear(x2, w.values, w.crow_indices, w.col_indices, w.t_crow_indices, w.t_row_indices, w.t_perm)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, w.out_features)
+
+
+def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_bias: Optional[torch.Tensor] = None,
+                   up_bias: Optional[torch.Tensor] = None, activation: str = "relu", scale: float = 1.0,
+                   residual: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Fused bottleneck adapter ``residual + scale * (up(act(down(x) + down_bias)) + up_bias)``.
+
+    ``x [..., d]``, ``down [r, d]``, ``up [d_out, r]``, ``residual [..., d_out]`` or None. On the
+    kernel backends the ``[tile, r]`` bottleneck never leaves the cache / chip.
+    """
+    _check_weight("down", down)
+    _check_weight("up", up)
+    _check_x(x, down)
+    if up.in_features != down.out_features:
+        raise ValueError(f"up: expected in_features {down.out_features} (down's out_features), got shape {up.shape}")
+    if up.layout != down.layout or up.dtype != down.dtype or up.device != down.device:
+        raise ValueError(f"up: expected the layout, dtype and device of down ({down.layout}, {down.dtype}, "
+                         f"{down.device}), got ({up.layout}, {up.dtype}, {up.device})")
+    _check_bias("down_bias", down_bias, down.out_features, x)
+    _check_bias("up_bias", up_bias, up.out_features, x)
+    activation = {"swish": "silu"}.get(activation, activation)
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {reference.ACTIVATIONS + ('swish',)}, got {activation!r}")
+    lead = x.shape[:-1]
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (*lead, up.out_features):
+            raise ValueError(f"residual: expected shape {(*lead, up.out_features)}, got "
+                             f"{tuple(getattr(residual, 'shape', ()))}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+        residual = residual.reshape(-1, up.out_features).contiguous()
+    backend = _resolve_backend(backend, x, down, "adapter")
+    x2 = x.reshape(-1, down.in_features).contiguous()
+    if backend == "reference":
+        h = reference.sparse_linear(x2, down, down_bias)
+        out = reference.sparse_linear(reference.activation(h, activation), up, up_bias) * scale
+        if residual is not None:
+            out = out + residual
+    elif backend == "triton":
+        from . import triton as triton_backend
+
+        out = triton_backend.sparse_adapter(x2, down, up, down_bias, up_bias, activation, float(scale), residual)
+    else:
+        out, _ = _lib.fused_adapter(
+            x2, residual, down.values, down.crow_indices, down.col_indices, down.t_crow_indices,
+            down.t_row_indices, down.t_perm, down_bias, up.values, up.crow_indices, up.col_indices,
+            up.t_crow_indices, up.t_row_indices, up.t_perm, up_bias, activation, float(scale))
+    return out.reshape(*lead, up.out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fakes and autograd of the C++/CUDA ops (schemas in csrc/ops.cpp)
+# ---------------------------------------------------------------------------------------------
+def _n_rows(crow: torch.Tensor, values: torch.Tensor, perm: Optional[torch.Tensor]) -> int:
+    """Output features of an spmm: rows of the (possibly transposed) structure times the block height."""
+    if values.dim() == 1:
+        return crow.shape[0] - 1
+    return (crow.shape[0] - 1) * (values.shape[2] if perm is not None else values.shape[1])
+
+
+def _register_cpp_ops() -> None:
+    def spmm_fake(x, values, crow_indices, col_indices, perm=None):
+        return x.new_empty(x.shape[0], _n_rows(crow_indices, values, perm))
+
+    def linear_fake(x, values, crow_indices, col_indices, t_crow_indices, t_row_indices, t_perm):
+        return x.new_empty(x.shape[0], _n_rows(crow_indices, values, None))
+
+    torch.library.register_fake("sparseadapter_kernels::csr_spmm", spmm_fake)
+    torch.library.register_fake("sparseadapter_kernels::bsr_spmm", spmm_fake)
+    torch.library.register_fake("sparseadapter_kernels::csr_linear", linear_fake)
+    torch.library.register_fake("sparseadapter_kernels::bsr_linear", linear_fake)
+
+    @torch.library.register_fake("sparseadapter_kernels::csr_sddmm")
+    def _(dy, x, crow_indices, col_indices):
+        return dy.new_empty(col_indices.shape[0])
+
+    @torch.library.register_fake("sparseadapter_kernels::bsr_sddmm")
+    def _(dy, x, crow_indices, col_indices, block_h, block_w):
+        return dy.new_empty(col_indices.shape[0], block_h, block_w)
+
+    @torch.library.register_fake("sparseadapter_kernels::fused_adapter")
+    def _(x, residual, down_values, down_crow_indices, down_col_indices, down_t_crow_indices, down_t_row_indices,
+          down_t_perm, down_bias, up_values, up_crow_indices, up_col_indices, up_t_crow_indices, up_t_row_indices,
+          up_t_perm, up_bias, activation, scale):
+        n = x.shape[0]
+        return (x.new_empty(n, _n_rows(up_crow_indices, up_values, None)),
+                x.new_empty(n, _n_rows(down_crow_indices, down_values, None)))
+
+    @torch.library.register_fake("sparseadapter_kernels::fused_adapter_backward")
+    def _(grad_out, x, hidden, down_values, down_crow_indices, down_col_indices, down_t_crow_indices,
+          down_t_row_indices, down_t_perm, up_values, up_crow_indices, up_col_indices, up_t_crow_indices,
+          up_t_row_indices, up_t_perm, activation, scale):
+        return (torch.empty_like(x), torch.empty_like(down_values), hidden.new_empty(hidden.shape[1]),
+                torch.empty_like(up_values), grad_out.new_empty(grad_out.shape[1]))
+
+    # --- autograd: y = x @ W.T  ->  dx = dy @ W (transpose structure), dvalues = SDDMM(dy, x)
+    def linear_setup(ctx, inputs, output):
+        x, values, crow, col, t_crow, t_row, t_perm = inputs
+        ctx.save_for_backward(x, values, crow, col, t_crow, t_row, t_perm)
+
+    def linear_backward(ctx, dy):
+        x, values, crow, col, t_crow, t_row, t_perm = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            spmm = _lib.csr_spmm if values.dim() == 1 else _lib.bsr_spmm
+            dx = spmm(dy, values, t_crow, t_row, t_perm)
+        if ctx.needs_input_grad[1]:
+            dvalues = (_lib.csr_sddmm(dy, x, crow, col) if values.dim() == 1
+                       else _lib.bsr_sddmm(dy, x, crow, col, values.shape[1], values.shape[2]))
+        return dx, dvalues, None, None, None, None, None
+
+    for name in ("csr_linear", "bsr_linear"):
+        torch.library.register_autograd(f"sparseadapter_kernels::{name}", linear_backward, setup_context=linear_setup)
+
+    # --- autograd of the fused adapter: one fused backward kernel call
+    def adapter_setup(ctx, inputs, output):
+        (x, residual, dv, dcrow, dcol, dtcrow, dtrow, dtperm, dbias, uv, ucrow, ucol, utcrow, utrow, utperm,
+         ubias, activation, scale) = inputs
+        ctx.save_for_backward(x, output[1], dv, dcrow, dcol, dtcrow, dtrow, dtperm, uv, ucrow, ucol, utcrow,
+                              utrow, utperm)
+        ctx.activation, ctx.scale = activation, scale
+        ctx.has_residual, ctx.has_down_bias, ctx.has_up_bias = residual is not None, dbias is not None, ubias is not None
+        ctx.mark_non_differentiable(output[1])
+
+    def adapter_backward(ctx, grad_out, grad_hidden):
+        saved = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        gx, gdv, gdb, guv, gub = _lib.fused_adapter_backward(grad_out, *saved, ctx.activation, ctx.scale)
+        return (gx, grad_out if ctx.has_residual else None, gdv, None, None, None, None, None,
+                gdb if ctx.has_down_bias else None, guv, None, None, None, None, None,
+                gub if ctx.has_up_bias else None, None, None)
+
+    torch.library.register_autograd("sparseadapter_kernels::fused_adapter", adapter_backward,
+                                    setup_context=adapter_setup)
+
+
+if EXTENSION.loaded:
+    _register_cpp_ops()
