@@ -1,10 +1,20 @@
-"""sparseadapter_kernels: pruned adapters with real sparse kernels (SparseAdapter, He et al. 2022)."""
+"""sparseadapter_kernels: pruned adapters with real sparse kernels (SparseAdapter, He et al. 2022).
+
+Public API (see DESIGN.md): :class:`SparseWeight`, :mod:`ops` (``sparse_linear``, ``sparse_adapter``),
+:func:`available_backends`, :func:`prune_at_init`, :func:`large_sparse`, the modules
+(:class:`SparseLinear`, :class:`HoulsbyAdapter`, :class:`PfeifferAdapter`, :class:`ParallelAdapter`,
+:class:`MAMAdapter`, :class:`LoRA`, :class:`AdapterFusion`).
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402
 from .formats import SparseWeight  # noqa: E402
+from .modules import (AdapterFusion, BottleneckAdapter, HoulsbyAdapter, LoRA, MAMAdapter,  # noqa: E402
+                      ParallelAdapter, PfeifferAdapter, PrefixTuning, SparseLinear)
 from .ops import available_backends, backend_status  # noqa: E402
 
-__all__ = ["SparseWeight", "ops", "reference", "available_backends", "backend_status", "__version__"]
+__all__ = ["SparseWeight", "ops", "reference", "available_backends", "backend_status", "__version__",
+           "SparseLinear", "BottleneckAdapter", "HoulsbyAdapter", "PfeifferAdapter", "ParallelAdapter",
+           "PrefixTuning", "MAMAdapter", "LoRA", "AdapterFusion"]
