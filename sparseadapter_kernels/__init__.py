@@ -14,7 +14,9 @@ from .formats import SparseWeight  # noqa: E402
 from .modules import (AdapterFusion, BottleneckAdapter, HoulsbyAdapter, LoRA, MAMAdapter,  # noqa: E402
                       ParallelAdapter, PfeifferAdapter, PrefixTuning, SparseLinear)
 from .ops import available_backends, backend_status  # noqa: E402
+from .pruning import LargeSparse, apply_masks, large_sparse, prune_at_init  # noqa: E402
 
 __all__ = ["SparseWeight", "ops", "reference", "available_backends", "backend_status", "__version__",
            "SparseLinear", "BottleneckAdapter", "HoulsbyAdapter", "PfeifferAdapter", "ParallelAdapter",
-           "PrefixTuning", "MAMAdapter", "LoRA", "AdapterFusion"]
+           "PrefixTuning", "MAMAdapter", "LoRA", "AdapterFusion", "prune_at_init", "apply_masks", "large_sparse",
+           "LargeSparse"]

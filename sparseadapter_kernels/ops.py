@@ -11,6 +11,7 @@ Backends of :func:`sparse_linear` / :func:`sparse_adapter`:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -21,6 +22,21 @@ from .formats import SparseWeight
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _lib = torch.ops.sparseadapter_kernels
+_OVERRIDE: List[str] = []
+
+
+@contextlib.contextmanager
+def backend_override(backend: str):
+    """Run every op inside the block on ``backend``, whatever the callers ask for.
+
+    Pruning uses it: GraSP's double backward and SNIP's scoring run on the reference path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    _OVERRIDE.append(backend)
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +71,8 @@ def available_backends() -> List[str]:
 def _resolve_backend(backend: str, x: torch.Tensor, w: SparseWeight, op: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if _OVERRIDE:
+        backend = _OVERRIDE[-1]
     if backend == "auto":
         from .dispatch import choose_backend
 
