@@ -157,3 +157,13 @@ def test_module_bad_inputs():
         m.apply_mask(torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 8\]"):
         m(torch.randn(2, 7))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    m = sak.HoulsbyAdapter(32, 8, sparsity=0.5, backend="reference")
+    x = torch.randn(4, 32, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, m(x))
+    y.sum().backward()
+    assert m.down.values.grad is not None and m.down.values.grad.shape == m.down.values.shape

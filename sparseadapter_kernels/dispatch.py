@@ -18,11 +18,10 @@ _PREFERENCE = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
 
 def choose_backend(x: torch.Tensor, w, op: str) -> str:
     """The backend ``auto`` runs for ``op`` ("linear" or "adapter") on these inputs."""
-    from .ops import backend_status
+    from .ops import backend_usable
 
-    status = backend_status()
     for backend in _PREFERENCE.get(x.device.type, ()):
-        if not status[backend][0]:
+        if not backend_usable(backend):
             continue
         if backend == "triton" and x.device.type == "cpu":
             continue  # the interpreter is for correctness checks, never for speed

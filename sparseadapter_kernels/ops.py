@@ -42,8 +42,23 @@ def backend_override(backend: str):
 # ---------------------------------------------------------------------------------------------
 # Backend discovery
 # ---------------------------------------------------------------------------------------------
+_STATUS_CACHE: Dict[str, Tuple[bool, str]] = {}
+
+
 def backend_status() -> Dict[str, Tuple[bool, str]]:
-    """``{backend: (usable, reason)}`` for this install and machine."""
+    """``{backend: (usable, reason)}`` for this install and machine (computed once per process)."""
+    if not _STATUS_CACHE:
+        _STATUS_CACHE.update(_compute_backend_status())
+    return dict(_STATUS_CACHE)
+
+
+@torch._dynamo.assume_constant_result
+def backend_usable(backend: str) -> bool:
+    """Whether ``backend`` runs here; a constant for torch.compile (no graph break)."""
+    return backend_status()[backend][0]
+
+
+def _compute_backend_status() -> Dict[str, Tuple[bool, str]]:
     from . import triton as triton_backend
 
     status = {"reference": (True, "plain PyTorch, every device and float dtype")}
@@ -79,9 +94,8 @@ def _resolve_backend(backend: str, x: torch.Tensor, w: SparseWeight, op: str) ->
         return choose_backend(x, w, op)
     if backend == "reference":
         return backend
-    usable, reason = backend_status()[backend]
-    if not usable:
-        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    if not backend_usable(backend):
+        raise RuntimeError(f"backend={backend!r} is not available: {backend_status()[backend][1]}")
     if backend == "cpu" and x.device.type != "cpu":
         raise ValueError(f"backend='cpu': expected CPU tensors, got x on {x.device}")
     if backend == "cuda" and x.device.type != "cuda":
