@@ -1,0 +1,215 @@
+"""The benchmark loop: for every problem and implementation, verify against the oracle, then time.
+
+An implementation whose outputs do not match the float64 oracle (per-dtype tolerance) is never timed:
+its row says ``wrong`` and the run exits non-zero. One that cannot run the problem (no kernel for the
+layout or dtype, ...) is ``n/a`` with the reason. ``Runner.events`` records every ``verify`` and
+``time`` step in order, so tests can check that nothing was timed before it was verified.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .impls import BEST_DENSE_CANDIDATES, Built, Impl, NotApplicable, TorchDense, build_impls
+from .shapes import Problem, SweepConfig, all_problems
+from .timing import Timing, measure
+from .workload import TOLERANCE, Workload, compare, dtype_name
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:200]
+
+
+def run_outputs(built: Built, wl: Workload, index: int = 0) -> Dict[str, torch.Tensor]:
+    """The outputs to verify: y, and for fwdbwd dx and the (dense, masked) weight and bias gradients."""
+    xs, dys = wl.inputs(built.dtype)
+    if wl.problem.mode == "fwd":
+        with torch.no_grad():
+            return {"y": built.fwd(xs[index])}
+    y = built.fwd(xs[index])
+    grads = torch.autograd.grad(y, [xs[index]] + built.params, dys[index])
+    return {"y": y.detach(), "dx": grads[0], **built.named_grads(grads[1:])}
+
+
+def make_step(built: Built, wl: Workload):
+    """``step(i)``: one call of the implementation on input buffer ``i`` (forward, or forward + grads)."""
+    xs, dys = wl.inputs(built.dtype)
+    fwd, params = built.fwd, built.params
+    if wl.problem.mode == "fwd":
+        def step(i):
+            with torch.no_grad():
+                return fwd(xs[i])
+    else:
+        def step(i):
+            y = fwd(xs[i])
+            return torch.autograd.grad(y, [xs[i]] + params, dys[i])
+    return step
+
+
+@dataclasses.dataclass
+class Measurement:
+    impl: str
+    kind: str
+    impl_dtype: str
+    status: str = "ok"            # ok | n/a | wrong
+    reason: str = ""
+    verified: bool = False
+    max_rel_err: float = float("nan")
+    tol: float = float("nan")
+    worst_output: str = ""
+    timing: Optional[Timing] = None
+    timing_shared: bool = False   # timing reused from an identical dense problem (dense ignores the mask)
+    sparse_weights: bool = True
+    flops: int = 0
+    bytes: int = 0
+
+
+class Runner:
+    """Runs a sweep; ``events`` is the ordered log of ``("verify" | "time", problem label, impl)``."""
+
+    def __init__(self, cfg: SweepConfig, impls: Optional[List[Impl]] = None, progress: Optional[bool] = None):
+        self.cfg = cfg
+        self.impls = impls if impls is not None else build_impls(cfg.backends, cfg.torch_sparse)
+        self.progress = progress
+        self.events: List[Tuple[str, str, str]] = []
+        self._dense_cache: Dict[Tuple, Measurement] = {}
+
+    # ------------------------------------------------------------------ one implementation
+    def measure_impl(self, impl: Impl, wl: Workload, label: Optional[str] = None,
+                     cache_key: Optional[Tuple] = None) -> Measurement:
+        p = wl.problem
+        name = label or impl.name
+        dtype = impl.dtype(wl)
+        m = Measurement(name, impl.kind, dtype_name(dtype), sparse_weights=impl.sparse_weights,
+                        flops=wl.useful_flops, bytes=wl.bytes_moved(dtype, impl.sparse_weights))
+        try:
+            built = impl.build(wl)
+            outputs = run_outputs(built, wl)
+        except NotApplicable as exc:
+            m.status, m.reason = "n/a", str(exc)
+            return m
+        except Exception as exc:  # no kernel for this layout/dtype, unsupported op, ...
+            m.status, m.reason = "n/a", _short(exc)
+            return m
+        m.tol = TOLERANCE[dtype]
+        m.max_rel_err, m.worst_output = compare(outputs, wl.oracle())
+        del outputs
+        self.events.append(("verify", p.label(), name))
+        if not m.max_rel_err <= m.tol:
+            m.status = "wrong"
+            m.reason = f"{m.worst_output}: max relative error {m.max_rel_err:.3g} > tolerance {m.tol:.0e}"
+            return m
+        m.verified = True
+        if cache_key is not None and cache_key in self._dense_cache:
+            m.timing, m.timing_shared = self._dense_cache[cache_key].timing, True
+            return m
+        try:
+            step = make_step(built, wl)
+            self.events.append(("time", p.label(), name))
+            cfg = self.cfg
+            m.timing = measure(step, wl.n_buffers, p.device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_time)
+        except Exception as exc:
+            m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
+            return m
+        if cache_key is not None:
+            self._dense_cache[cache_key] = m
+        return m
+
+    @staticmethod
+    def _dense_key(p: Problem, dtype: str) -> Tuple:
+        return (p.op, p.mode, p.n, p.d, p.r, dtype, p.activation, p.scale, p.device)
+
+    # ------------------------------------------------------------------ one problem
+    def run_problem(self, p: Problem, tick=lambda: None) -> List[dict]:
+        wl = Workload(p, seed=self.cfg.seed, buffers=self.cfg.buffers)
+        results: List[Measurement] = []
+        for impl in self.impls:
+            key = self._dense_key(p, dtype_name(impl.dtype(wl))) if isinstance(impl, TorchDense) else None
+            results.append(self.measure_impl(impl, wl, cache_key=key))
+            tick()
+        # The fastest dense option on this device (same masked weights, other dtypes).
+        cands = []
+        for dt in dict.fromkeys([p.dtype, *BEST_DENSE_CANDIDATES.get(p.device.split(":")[0], ())]):
+            cands.append(self.measure_impl(TorchDense(dt), wl, label="torch-dense-best",
+                                           cache_key=self._dense_key(p, dt)))
+            wl.free_inputs(keep=wl.dtype)
+        ok = [c for c in cands if c.status == "ok" and c.timing is not None]
+        best = min(ok, key=lambda c: c.timing.median_s) if ok else cands[0]
+        results.append(best)
+        tick()
+        if p.k > 1 and p.r0:
+            # Large-Sparse: the dense adapter of bottleneck r0 (same nonzeros) is the target to match.
+            small = dataclasses.replace(p, r=p.r0, sparsity=0.0, k=1, r0=0)
+            swl = Workload(small, seed=self.cfg.seed, buffers=self.cfg.buffers)
+            results.append(self.measure_impl(TorchDense(), swl, label=f"torch-dense r={p.r0}",
+                                             cache_key=self._dense_key(small, p.dtype)))
+            del swl
+            tick()
+        rows = self._rows(p, wl, results)
+        del wl
+        gc.collect()
+        return rows
+
+    def _rows(self, p: Problem, wl: Workload, results: List[Measurement]) -> List[dict]:
+        dense = next((m for m in results if m.impl == "torch-dense" and m.timing), None)
+        best = next((m for m in results if m.impl == "torch-dense-best" and m.timing), None)
+        base = {**p.as_dict(), "block_size": f"{p.block_size[0]}x{p.block_size[1]}",
+                "actual_sparsity": round(wl.actual_sparsity, 6), "nnz": wl.nnz, "numel": wl.numel,
+                "ideal_speedup": wl.numel / wl.nnz}
+        rows = []
+        for m in results:
+            row = dict(base)
+            row.update(impl=m.impl, kind=m.kind, impl_dtype=m.impl_dtype, status=m.status, reason=m.reason,
+                       verified=m.verified, max_rel_err=m.max_rel_err, tol=m.tol, flops=m.flops, bytes=m.bytes,
+                       timing_shared=m.timing_shared)
+            t = m.timing
+            if t is not None and m.status == "ok":
+                row.update(median_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, q1_ms=t.q1_s * 1e3,
+                           q3_ms=t.q3_s * 1e3, repeats=t.repeats,
+                           speedup=(dense.timing.median_s / t.median_s) if dense else float("nan"),
+                           speedup_vs_best=(best.timing.median_s / t.median_s) if best else float("nan"),
+                           gflops=m.flops / t.median_s / 1e9, gbps=m.bytes / t.median_s / 1e9)
+            else:
+                row.update(median_ms=float("nan"), min_ms=float("nan"), q1_ms=float("nan"), q3_ms=float("nan"),
+                           repeats=0, speedup=float("nan"), speedup_vs_best=float("nan"),
+                           gflops=float("nan"), gbps=float("nan"))
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------ the sweep
+    def units(self, problems: List[Problem]) -> int:
+        return sum(len(self.impls) + 1 + (1 if p.k > 1 else 0) for p in problems)
+
+    def run(self, problems: Optional[List[Problem]] = None) -> List[dict]:
+        problems = all_problems(self.cfg) if problems is None else problems
+        rows: List[dict] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.units(problems), unit="meas", dynamic_ncols=True, leave=False,
+                   disable=(None if self.progress is None else not self.progress))
+        try:
+            for p in problems:
+                bar.set_description(f"{p.suite} {p.op} {p.mode} {p.layout} s={p.sparsity:g}"
+                                    + (f" N={p.n}" if p.suite == "tokens" else f" k={p.k}" if p.k > 1 else ""))
+                rows += self.run_problem(p, tick=lambda: bar.update(1))
+        finally:
+            bar.close()
+        return rows
+
+
+def failures(rows: List[dict]) -> List[dict]:
+    return [r for r in rows if r["status"] == "wrong"]
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def elapsed_since(t0: float) -> float:
+    return time.perf_counter() - t0

@@ -1,0 +1,191 @@
+"""Random inputs of a :class:`~.shapes.Problem`, and the float64 oracle every implementation must match.
+
+Nothing here is ever zero by accident: weights, biases, inputs and output gradients are random normal
+(weights scaled by ``1/sqrt(in_features)`` so outputs stay O(1) in every dtype). Masks keep an exact
+number of entries (CSR) or blocks (BSR) chosen at random, never fewer than one block.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..formats import SparseWeight
+from .shapes import Problem
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+# Verification tolerance per dtype: max |impl - oracle| / max |oracle| over each output (the oracle is
+# float64 math on the same dtype-rounded inputs). Loose enough for any summation order and for fp32
+# accumulation of low-precision inputs, tight enough to catch a wrong index or a dropped term.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+# Rotating input buffers: at least this many bytes of x per measurement so caches do not flatter.
+ROTATE_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+MAX_BUFFERS = {"cpu": 8, "cuda": 16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def random_mask(shape, sparsity: float, block_size, generator: torch.Generator) -> torch.Tensor:
+    """Bool ``[out, in]`` mask keeping ``round((1 - sparsity) * blocks)`` random blocks (>= 1)."""
+    out_f, in_f = shape
+    bh, bw = block_size
+    gr, gc = out_f // bh, in_f // bw
+    total = gr * gc
+    keep = min(total, max(1, int(round((1.0 - sparsity) * total))))
+    flat = torch.zeros(total, dtype=torch.bool)
+    flat[torch.randperm(total, generator=generator)[:keep]] = True
+    blocks = flat.reshape(gr, gc)
+    if (bh, bw) == (1, 1):
+        return blocks
+    return blocks.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+
+
+def activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    return reference.activation(h, name)
+
+
+def dense_forward(problem: Problem, x: torch.Tensor, weights: List[torch.Tensor],
+                  biases: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    """The op in plain dense torch: ``F.linear`` (single projection) or the unfused adapter layer."""
+    if problem.op != "adapter":
+        return F.linear(x, weights[0])
+    h = F.linear(x, weights[0], biases[0])
+    o = F.linear(activation(h, problem.activation), weights[1], biases[1])
+    if problem.scale != 1.0:
+        o = o * problem.scale
+    return x + o
+
+
+class Workload:
+    """Weights, masks, rotating inputs and the oracle of one problem (built once, shared by all impls)."""
+
+    def __init__(self, problem: Problem, seed: int = 0, buffers: int = 0):
+        self.problem = problem
+        self.dtype = torch_dtype(problem.dtype)
+        self.device = torch.device(problem.device)
+        gen = torch.Generator().manual_seed(seed)
+        self.masks: List[torch.Tensor] = []
+        self.weights64: List[torch.Tensor] = []      # masked, rounded through dtype, float64
+        self.biases64: List[Optional[torch.Tensor]] = []
+        self.sparse: List[SparseWeight] = []          # in self.dtype
+        for shape in problem.weight_shapes:
+            mask = random_mask(shape, problem.sparsity, problem.block_size, gen)
+            w = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(shape[1])
+            w = w.to(self.dtype).to(torch.float64)
+            self.masks.append(mask.to(self.device))
+            self.weights64.append((w * mask).to(self.device))
+            b = (0.1 * torch.randn(shape[0], generator=gen, dtype=torch.float64)).to(self.dtype).to(torch.float64)
+            self.biases64.append(b.to(self.device) if problem.has_bias else None)
+            block = problem.block_size if problem.layout == "bsr" else None
+            self.sparse.append(SparseWeight.from_dense(w.to(self.dtype).to(self.device), mask.to(self.device),
+                                                       layout=problem.layout, block_size=block))
+        x_bytes = problem.n * problem.in_features * self.dtype.itemsize
+        dev = self.device.type
+        self.n_buffers = buffers or max(2, min(MAX_BUFFERS.get(dev, 8), math.ceil(ROTATE_BYTES.get(dev, 64 << 20) / x_bytes)))
+        # Inputs are drawn in float64 on the CPU (reproducible), rounded to dtype, moved once.
+        self._x64 = [torch.randn(problem.n, problem.in_features, generator=gen, dtype=torch.float64)
+                     for _ in range(self.n_buffers)]
+        self._dy64 = ([torch.randn(problem.n, problem.out_features, generator=gen, dtype=torch.float64)
+                       for _ in range(self.n_buffers)] if problem.mode == "fwdbwd" else [])
+        self._inputs: Dict = {}
+        self._oracle: Optional[Dict[str, torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def nnz(self) -> int:
+        return sum(w.nnz for w in self.sparse)
+
+    @property
+    def numel(self) -> int:
+        return sum(o * i for o, i in self.problem.weight_shapes)
+
+    @property
+    def actual_sparsity(self) -> float:
+        return 1.0 - self.nnz / self.numel
+
+    @property
+    def useful_flops(self) -> int:
+        """2 * N * nnz per product: 1 product per projection forward, 3 with the backward."""
+        per = 2 * self.problem.n * self.nnz
+        return per * (3 if self.problem.mode == "fwdbwd" else 1)
+
+    def bytes_moved(self, dtype: torch.dtype, sparse_weights: bool) -> int:
+        """Compulsory bytes: activations in and out once plus the weights, per product (x3 with backward)."""
+        p = self.problem
+        act = p.n * (p.in_features + p.out_features) * dtype.itemsize
+        if sparse_weights:   # values + the forward's int32 indices (SparseWeight.nbytes in this dtype)
+            wbytes = sum(w.values.numel() * dtype.itemsize
+                         + (w.crow_indices.numel() + w.col_indices.numel()) * w.col_indices.element_size()
+                         for w in self.sparse)
+        else:
+            wbytes = self.numel * dtype.itemsize
+        if p.has_bias:
+            wbytes += sum(o for o, _ in p.weight_shapes) * dtype.itemsize
+        return (act + wbytes) * (3 if p.mode == "fwdbwd" else 1)
+
+    # ------------------------------------------------------------------ inputs
+    def inputs(self, dtype: torch.dtype):
+        """``(xs, dys)`` rotating buffers in ``dtype`` on the device (xs require grad for fwdbwd)."""
+        if dtype not in self._inputs:
+            grad = self.problem.mode == "fwdbwd"
+            xs = [x.to(dtype).to(self.device).requires_grad_(grad) for x in self._x64]
+            dys = [dy.to(dtype).to(self.device) for dy in self._dy64]
+            self._inputs[dtype] = (xs, dys)
+        return self._inputs[dtype]
+
+    def free_inputs(self, keep: Optional[torch.dtype] = None) -> None:
+        for dtype in list(self._inputs):
+            if dtype != keep:
+                del self._inputs[dtype]
+
+    # ------------------------------------------------------------------ oracle
+    def oracle(self) -> Dict[str, torch.Tensor]:
+        """float64 results on buffer 0 (inputs rounded to the problem dtype): y, and dx, dW*, db*."""
+        if self._oracle is None:
+            p = self.problem
+            x = self._x64[0].to(self.dtype).to(torch.float64).to(self.device)
+            ws = [w.clone() for w in self.weights64]
+            bs = [b.clone() if b is not None else None for b in self.biases64]
+            if p.mode == "fwd":
+                with torch.no_grad():
+                    self._oracle = {"y": dense_forward(p, x, ws, bs)}
+            else:
+                leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws] + [b.requires_grad_() for b in bs if b is not None]
+                y = dense_forward(p, x, ws, bs)
+                dy = self._dy64[0].to(self.dtype).to(torch.float64).to(self.device)
+                grads = torch.autograd.grad(y, leaves, dy)
+                out = {"y": y.detach(), "dx": grads[0]}
+                for i, (g, m) in enumerate(zip(grads[1:1 + len(ws)], self.masks)):
+                    out[f"dW{i}"] = g * m
+                for i, g in enumerate(grads[1 + len(ws):]):
+                    out[f"db{i}"] = g
+                self._oracle = out
+        return self._oracle
+
+
+def compare(outputs: Dict[str, torch.Tensor], oracle: Dict[str, torch.Tensor]):
+    """``(max relative error, worst output name)``; inf when an output is missing or not finite."""
+    worst, worst_name = 0.0, ""
+    for name, ref in oracle.items():
+        got = outputs.get(name)
+        if got is None or tuple(got.shape) != tuple(ref.shape):
+            return math.inf, f"{name} (missing or shape {None if got is None else tuple(got.shape)})"
+        got = got.detach().to(torch.float64)
+        if not bool(torch.isfinite(got).all()):
+            return math.inf, f"{name} (not finite)"
+        scale = float(ref.abs().max()) or 1.0
+        err = float((got - ref).abs().max()) / scale
+        if err > worst:
+            worst, worst_name = err, name
+    return worst, worst_name
