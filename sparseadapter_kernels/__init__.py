@@ -20,3 +20,8 @@ __all__ = ["SparseWeight", "ops", "reference", "available_backends", "backend_st
            "SparseLinear", "BottleneckAdapter", "HoulsbyAdapter", "PfeifferAdapter", "ParallelAdapter",
            "PrefixTuning", "MAMAdapter", "LoRA", "AdapterFusion", "prune_at_init", "apply_masks", "large_sparse",
            "LargeSparse"]
+from .integration import (SparseAdapterConfig, add_sparse_adapters, load_adapters,  # noqa: E402
+                          print_trainable_parameters, save_adapters)
+
+__all__ += ["SparseAdapterConfig", "add_sparse_adapters", "save_adapters", "load_adapters",
+            "print_trainable_parameters"]
