@@ -1,0 +1,106 @@
+// Raw interface between the torch glue (ops_cpu.cpp) and the per-ISA kernel files
+// (isa_avx512.cpp, isa_avx2.cpp, isa_generic.cpp, all built from kernel_body.h).
+//
+// No torch header is included here on purpose: the ISA files compile their code under
+// `#pragma GCC target(...)`, and any inline function of a shared header compiled there could be
+// picked by the linker for every caller (an AVX-512 copy of a torch inline on a CPU without it).
+// Everything crossing this boundary is a raw pointer plus sizes, already validated by the caller.
+#pragma once
+
+#include <cstdint>
+
+namespace sak_cpu {
+
+enum class DType : int { f32 = 0, bf16 = 1, f64 = 2 };
+enum class Act : int { identity = 0, relu = 1, gelu = 2, silu = 3 };
+
+// A sparse matrix in the orientation of the product: `block_rows` block rows of `bh x bw` blocks
+// (CSR: bh = bw = 1), values block-major [nblocks][bh][bw] in the accumulation type (float for
+// f32/bf16, double for f64), already gathered through any transpose permutation.
+struct SparseOperand {
+  const void* values = nullptr;  // accumulation type; unused by SDDMM
+  const int32_t* crow = nullptr;  // [block_rows + 1], crow[0] == 0, non-decreasing
+  const int32_t* col = nullptr;   // [nblocks], block columns
+  int64_t block_rows = 0;
+  int64_t bh = 1, bw = 1;
+  int64_t nblocks = 0;
+  int64_t rows() const { return block_rows * bh; }
+  int64_t nnz() const { return nblocks * bh * bw; }
+};
+
+// Tile configuration (tokens per tile); 0 = the kernel's default.
+struct Config {
+  int threads = 1;
+  int tile = 0;
+};
+
+// y[N, M] = x[N, K] @ A.T          (x, y in `dtype`, row strides ldx, ldy)
+struct SpmmArgs {
+  DType dtype;
+  int64_t N, K, M;
+  const void* x; int64_t ldx;
+  SparseOperand A;
+  void* y; int64_t ldy;
+  Config cfg;
+};
+
+// out[e] = sum_n dy[n, row(e)] * x[n, col(e)] for every stored entry e of A  (out in `dtype`)
+struct SddmmArgs {
+  DType dtype;
+  int64_t N, M, K;
+  const void* dy; int64_t lddy;
+  const void* x; int64_t ldx;
+  SparseOperand A;
+  void* out;
+  Config cfg;
+};
+
+// hidden = x @ down.T + down_bias; out = residual + scale * (act(hidden) @ up.T + up_bias)
+struct FusedFwdArgs {
+  DType dtype;
+  int64_t N, d, r, d_out;
+  const void* x; int64_t ldx;
+  const void* residual; int64_t ldres;  // may be null
+  SparseOperand down, up;
+  const void* down_bias;  // [r] in dtype, may be null
+  const void* up_bias;    // [d_out] in dtype, may be null
+  Act act;
+  double scale;
+  void* out;     // [N, d_out] contiguous
+  void* hidden;  // [N, r] contiguous
+  Config cfg;
+};
+
+// Gradients of the fused adapter (see reference.fused_adapter_backward).
+struct FusedBwdArgs {
+  DType dtype;
+  int64_t N, d, r, d_out;
+  const void* grad_out; int64_t ldg;
+  const void* x; int64_t ldx;
+  const void* hidden; int64_t ldh;
+  SparseOperand down, up;      // forward orientation: structure for the SDDMMs
+  SparseOperand down_t, up_t;  // transposes with gathered values: dx products
+  Act act;
+  double scale;
+  void* grad_x;             // [N, d]
+  void* grad_down_values;   // [nnz(down)] in dtype
+  void* grad_down_bias;     // [r]
+  void* grad_up_values;     // [nnz(up)]
+  void* grad_up_bias;       // [d_out]
+  Config cfg;
+};
+
+struct KernelTable {
+  const char* name;
+  void (*spmm)(const SpmmArgs&);
+  void (*sddmm)(const SddmmArgs&);
+  void (*fused_fwd)(const FusedFwdArgs&);
+  void (*fused_bwd)(const FusedBwdArgs&);
+};
+
+// nullptr when the file was built for another architecture.
+const KernelTable* avx512_table();
+const KernelTable* avx2_table();
+const KernelTable* generic_table();
+
+}  // namespace sak_cpu

@@ -1,0 +1,533 @@
+// The CPU kernels, written once over a vector-traits class V and included by each ISA file
+// (isa_avx512.cpp: V = 16 x fp32 AVX-512; isa_avx2.cpp: 8 x fp32 AVX2/FMA; isa_generic.cpp:
+// portable 8-lane arrays in float and double). Include it inside the ISA's own namespace, after
+// <cstdint>, <cstring>, <cstdlib>, <cmath>, <omp.h> and the definition of V; it includes nothing.
+//
+// How the kernels work (docs/cpu_kernels.md has the long version):
+//   * Tokens are processed in tiles of T (16, 32 or 64). A tile of the token-major input x[N, K] is
+//     transposed once, with W x W register transposes, into a feature-major scratch xT[K][T] (fp32),
+//     so one input feature of T tokens is T/W contiguous vectors.
+//   * CSR forward: for each output row m, acc[0:T] += values[k] * xT[col[k]][0:T] (broadcast + FMA,
+//     T/W independent accumulators, k unrolled by 2). BSR: R rows of a block row at once (register
+//     tiling: each xT row is loaded once per block column and used for R rows).
+//   * Output rows are produced W at a time into an L1 chunk, transposed back in registers and stored
+//     token-major (bias, scale, residual and the bf16 rounding applied on the way out).
+//   * SDDMM: per tile, dot products over the T tokens of dyT[row] and xT[col]; W entries at a time are
+//     reduced across lanes with a transpose-add tree and added to a per-thread fp32 partial; the
+//     partials of the threads are summed at the end.
+//   * Fused adapter: per tile, down -> bias -> act -> up -> bias/scale/residual, with the [r][T]
+//     bottleneck in L1/L2 scratch; the backward does the two SDDMMs, both dx products and the bias
+//     sums from the same transposed tiles.
+//   * Threads (OpenMP) take contiguous ranges of token tiles; nothing is shared except the read-only
+//     weights and the per-thread partial sums of the SDDMMs.
+//
+// Padding rule: a tile with fewer than T tokens is zero-padded by the transposes; padded tokens give
+// finite zeros everywhere (act(0) = 0 for all activations) and are never stored.
+
+typedef uint16_t bf16_t;
+
+template <class S> struct StorageOf;
+template <> struct StorageOf<float> { static constexpr DType dtype = DType::f32; };
+template <> struct StorageOf<bf16_t> { static constexpr DType dtype = DType::bf16; };
+template <> struct StorageOf<double> { static constexpr DType dtype = DType::f64; };
+
+// Per-thread scratch that survives across calls (OpenMP threads are pooled), 64-byte aligned.
+struct Scratch {
+  void* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  void* get(size_t bytes) {
+    if (bytes > cap) {
+      std::free(p);
+      cap = (bytes + 4095) & ~size_t(4095);
+      p = std::aligned_alloc(64, cap);
+      if (!p) { cap = 0; }
+    }
+    return p;
+  }
+};
+
+// One scratch per thread for all the kernels of this ISA file (ops never nest).
+static Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Contiguous share [begin, end) of `n` items for thread `tid` of `nth`.
+static inline void split_range(int64_t n, int tid, int nth, int64_t& begin, int64_t& end) {
+  begin = n * tid / nth;
+  end = n * (tid + 1) / nth;
+}
+
+template <class V, int T>
+struct Kern {
+  using A = typename V::A;
+  using reg = typename V::reg;
+  static constexpr int W = V::W;
+  static constexpr int U = T / W;  // vectors per feature row of a tile
+  static_assert(T % W == 0, "tile must be a multiple of the vector width");
+  // Rows of a BSR block row computed together (register tiling): R * U accumulators + U inputs.
+  static constexpr int RMAX_RAW = (V::NREGS - 2 - U) / U;
+  static constexpr int RMAX = RMAX_RAW > 4 ? 4 : (RMAX_RAW < 1 ? 1 : RMAX_RAW);
+
+  // ---------------------------------------------------------------------------------------------
+  // Tile transposes
+  // ---------------------------------------------------------------------------------------------
+  // xT[k][0:T] (row stride T) <- x[t, k] for t < nt (zero for t >= nt), k < K; optionally scaled.
+  template <class S>
+  static void load_tile(const S* x, int64_t ldx, int nt, int64_t K, A* xT, A scale, bool scaled) {
+    const reg vs = V::set1(scale);
+    for (int t0 = 0; t0 < T; t0 += W) {
+      const int rows = (int)imax(0, imin(W, nt - t0));
+      for (int64_t k0 = 0; k0 < K; k0 += W) {
+        const int nk = (int)imin(W, K - k0);
+        reg r[W];
+        const S* src = x + (int64_t)t0 * ldx + k0;
+        if (rows == W) {
+          for (int i = 0; i < W; i++) r[i] = V::load_n(src + i * ldx, nk);
+        } else {
+          for (int i = 0; i < W; i++) r[i] = i < rows ? V::load_n(src + i * ldx, nk) : V::zero();
+        }
+        V::transpose(r);
+        A* dst = xT + k0 * T + t0;
+        if (scaled) {
+          for (int j = 0; j < nk; j++) V::store(dst + (int64_t)j * T, V::mul(r[j], vs));
+        } else {
+          for (int j = 0; j < nk; j++) V::store(dst + (int64_t)j * T, r[j]);
+        }
+      }
+    }
+  }
+
+  // y[t, m0 + i] <- f(chunk[i][t]) for i < rows, t < nt, with f(v) = (v + bias[m0 + i]) * alpha
+  // + res[t, m0 + i] (bias, res optional). `chunk` has row stride T.
+  template <class S>
+  static void store_tile(const A* chunk, int rows, int64_t m0, int nt, S* y, int64_t ldy, const S* bias,
+                         A alpha, const S* res, int64_t ldres) {
+    const reg va = V::set1(alpha);
+    const bool scale = alpha != A(1);
+    reg vb = V::zero();
+    if (bias) vb = V::load_n(bias + m0, rows);
+    for (int t0 = 0; t0 < nt; t0 += W) {
+      reg r[W];
+      if (rows == W) {
+        for (int i = 0; i < W; i++) r[i] = V::load(chunk + (int64_t)i * T + t0);
+      } else {
+        for (int i = 0; i < W; i++) r[i] = i < rows ? V::load(chunk + (int64_t)i * T + t0) : V::zero();
+      }
+      V::transpose(r);
+      const int cnt = (int)imin(W, nt - t0);
+      S* dst = y + (int64_t)t0 * ldy + m0;
+      if (!bias && !scale && !res) {
+        for (int j = 0; j < cnt; j++) V::store_n(dst + j * ldy, r[j], rows);
+      } else {
+        for (int j = 0; j < cnt; j++) {
+          reg v = r[j];
+          if (bias) v = V::add(v, vb);
+          if (scale) v = V::mul(v, va);
+          if (res) v = V::add(v, V::load_n(res + (int64_t)(t0 + j) * ldres + m0, rows));
+          V::store_n(dst + j * ldy, v, rows);
+        }
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Sparse rows: out[m - m_begin][0:T] = sum_k A[m, k] * inT[k][0:T] for m in [m_begin, m_end)
+  // ---------------------------------------------------------------------------------------------
+  static void csr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t m_begin, int64_t m_end,
+                       const A* inT, A* out) {
+    for (int64_t m = m_begin; m < m_end; m++) {
+      reg a[U], b[U];
+      for (int u = 0; u < U; u++) { a[u] = V::zero(); b[u] = V::zero(); }
+      int64_t k = crow[m];
+      const int64_t e = crow[m + 1];
+      for (; k + 1 < e; k += 2) {
+        const reg v0 = V::set1(vals[k]), v1 = V::set1(vals[k + 1]);
+        const A* p0 = inT + (int64_t)col[k] * T;
+        const A* p1 = inT + (int64_t)col[k + 1] * T;
+        for (int u = 0; u < U; u++) {
+          a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+          b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
+        }
+      }
+      if (k < e) {
+        const reg v0 = V::set1(vals[k]);
+        const A* p0 = inT + (int64_t)col[k] * T;
+        for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+      }
+      A* o = out + (m - m_begin) * T;
+      for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
+    }
+  }
+
+  // R consecutive rows i0 .. i0+R-1 of block row br.
+  template <int R>
+  static void bsr_group(const A* vals, const int32_t* crow, const int32_t* col, int64_t bh, int64_t bw, int64_t br,
+                        int64_t i0, const A* inT, A* out) {
+    reg acc[R][U];
+    for (int r = 0; r < R; r++)
+      for (int u = 0; u < U; u++) acc[r][u] = V::zero();
+    const int64_t bsz = bh * bw;
+    for (int64_t b = crow[br]; b < crow[br + 1]; b++) {
+      const A* vb = vals + b * bsz + i0 * bw;
+      const A* xb = inT + (int64_t)col[b] * bw * T;
+      for (int64_t j = 0; j < bw; j++) {
+        reg xv[U];
+        for (int u = 0; u < U; u++) xv[u] = V::load(xb + j * T + u * W);
+        for (int r = 0; r < R; r++) {
+          const reg vv = V::set1(vb[r * bw + j]);
+          for (int u = 0; u < U; u++) acc[r][u] = V::fmadd(vv, xv[u], acc[r][u]);
+        }
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int u = 0; u < U; u++) V::store(out + (int64_t)r * T + u * W, acc[r][u]);
+  }
+
+  static void bsr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t bh, int64_t bw,
+                       int64_t m_begin, int64_t m_end, const A* inT, A* out) {
+    int64_t m = m_begin;
+    while (m < m_end) {
+      const int64_t br = m / bh, i0 = m % bh;
+      const int64_t R = imin(imin(RMAX, bh - i0), m_end - m);
+      A* o = out + (m - m_begin) * T;
+      switch (R) {
+        case 4: bsr_group<(RMAX >= 4 ? 4 : 1)>(vals, crow, col, bh, bw, br, i0, inT, o); break;
+        case 3: bsr_group<(RMAX >= 3 ? 3 : 1)>(vals, crow, col, bh, bw, br, i0, inT, o); break;
+        case 2: bsr_group<(RMAX >= 2 ? 2 : 1)>(vals, crow, col, bh, bw, br, i0, inT, o); break;
+        default: bsr_group<1>(vals, crow, col, bh, bw, br, i0, inT, o); break;
+      }
+      m += R;
+    }
+  }
+
+  static void rows(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out) {
+    const A* vals = static_cast<const A*>(S.values);
+    if (S.bh == 1 && S.bw == 1)
+      csr_rows(vals, S.crow, S.col, m_begin, m_end, inT, out);
+    else
+      bsr_rows(vals, S.crow, S.col, S.bh, S.bw, m_begin, m_end, inT, out);
+  }
+
+  // All output rows of S applied to inT, W rows at a time, stored token-major through store_tile.
+  template <class Sto>
+  static void rows_to_tokens(const SparseOperand& S, const A* inT, A* chunk, int nt, Sto* y, int64_t ldy,
+                             const Sto* bias, A alpha, const Sto* res, int64_t ldres) {
+    const int64_t M = S.rows();
+    for (int64_t m0 = 0; m0 < M; m0 += W) {
+      const int rws = (int)imin(W, M - m0);
+      rows(S, m0, m0 + rws, inT, chunk);
+      store_tile<Sto>(chunk, rws, m0, nt, y, ldy, bias, alpha, res, ldres);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // SDDMM on a tile: g[e] += sum_t aT[row(e)][t] * bT[col(e)][t] for every stored entry e.
+  // ---------------------------------------------------------------------------------------------
+  static void sddmm_tile(const SparseOperand& S, const A* aT, const A* bT, A* g) {
+    const int64_t bh = S.bh, bw = S.bw, nnz = S.nnz();
+    if (nnz == 0) return;
+    // entry cursor: block b in block row br, element (i, j)
+    int64_t br = 0, b = 0, i = 0, j = 0;
+    while (S.crow[br + 1] <= b) br++;
+    auto next = [&]() {
+      if (++j == bw) {
+        j = 0;
+        if (++i == bh) {
+          i = 0;
+          ++b;
+          while (br < S.block_rows && S.crow[br + 1] <= b) br++;
+        }
+      }
+    };
+    for (int64_t e0 = 0; e0 < nnz; e0 += W) {
+      const int cnt = (int)imin(W, nnz - e0);
+      reg acc[W];
+      for (int q = 0; q < W; q++) {
+        if (q < cnt) {
+          const A* ap = aT + (br * bh + i) * T;
+          const A* bp = bT + ((int64_t)S.col[b] * bw + j) * T;
+          reg s = V::mul(V::load(ap), V::load(bp));
+          for (int u = 1; u < U; u++) s = V::fmadd(V::load(ap + u * W), V::load(bp + u * W), s);
+          acc[q] = s;
+          next();
+        } else {
+          acc[q] = V::zero();
+        }
+      }
+      const reg sums = V::reduce_lanes(acc);
+      V::store_n(g + e0, V::add(V::load_n(g + e0, cnt), sums), cnt);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Activations on a [rows][T] tile (in place or out of place)
+  // ---------------------------------------------------------------------------------------------
+  static void act_fwd(const A* h, A* out, int64_t n, Act act) {
+    switch (act) {
+      case Act::identity:
+        if (out != h) std::memcpy(out, h, n * sizeof(A));
+        break;
+      case Act::relu:
+        for (int64_t i = 0; i < n; i += W) V::store(out + i, V::max(V::load(h + i), V::zero()));
+        break;
+      case Act::gelu:
+        for (int64_t i = 0; i < n; i += W) V::store(out + i, V::gelu(V::load(h + i)));
+        break;
+      case Act::silu:
+        for (int64_t i = 0; i < n; i += W) V::store(out + i, V::silu(V::load(h + i)));
+        break;
+    }
+  }
+
+  // d[i] *= act'(h[i])
+  static void act_bwd(const A* h, A* d, int64_t n, Act act) {
+    switch (act) {
+      case Act::identity:
+        break;
+      case Act::relu:
+        for (int64_t i = 0; i < n; i += W) V::store(d + i, V::relu_mask(V::load(h + i), V::load(d + i)));
+        break;
+      case Act::gelu:
+        for (int64_t i = 0; i < n; i += W) V::store(d + i, V::mul(V::load(d + i), V::gelu_grad(V::load(h + i))));
+        break;
+      case Act::silu:
+        for (int64_t i = 0; i < n; i += W) V::store(d + i, V::mul(V::load(d + i), V::silu_grad(V::load(h + i))));
+        break;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Drivers (one per op): OpenMP over contiguous ranges of token tiles
+  // ---------------------------------------------------------------------------------------------
+  template <class S>
+  static void spmm(const SpmmArgs& a) {
+    const int64_t ntiles = (a.N + T - 1) / T;
+    const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
+    const S* x = static_cast<const S*>(a.x);
+    S* y = static_cast<S*>(a.y);
+#pragma omp parallel num_threads(nth)
+    {
+      Scratch& scratch = thread_scratch();
+      const int tid = omp_get_thread_num();
+      int64_t tb, te;
+      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
+      A* xT = static_cast<A*>(scratch.get(sizeof(A) * ((size_t)a.K * T + (size_t)W * T)));
+      A* chunk = xT + (size_t)a.K * T;
+      if (xT) {
+        for (int64_t t = tb; t < te; t++) {
+          const int64_t n0 = t * T;
+          const int nt = (int)imin(T, a.N - n0);
+          load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
+          rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0);
+        }
+      }
+    }
+  }
+
+  template <class S>
+  static void sddmm(const SddmmArgs& a) {
+    const int64_t nnz = a.A.nnz();
+    const int64_t ntiles = (a.N + T - 1) / T;
+    const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
+    const S* dy = static_cast<const S*>(a.dy);
+    const S* x = static_cast<const S*>(a.x);
+    A* partial = static_cast<A*>(std::calloc((size_t)nth * nnz + 1, sizeof(A)));
+    if (!partial) return;
+#pragma omp parallel num_threads(nth)
+    {
+      Scratch& scratch = thread_scratch();
+      const int tid = omp_get_thread_num();
+      int64_t tb, te;
+      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
+      A* dyT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.M + a.K) * T));
+      A* xT = dyT + (size_t)a.M * T;
+      A* g = partial + (size_t)tid * nnz;
+      if (dyT) {
+        for (int64_t t = tb; t < te; t++) {
+          const int64_t n0 = t * T;
+          const int nt = (int)imin(T, a.N - n0);
+          load_tile<S>(dy + n0 * a.lddy, a.lddy, nt, a.M, dyT, A(1), false);
+          load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
+          sddmm_tile(a.A, dyT, xT, g);
+        }
+      }
+    }
+    S* out = static_cast<S*>(a.out);
+    sum_partials<S>(partial, nth, nnz, out);
+    std::free(partial);
+  }
+
+  // out[e] = sum over threads of partial[t][e], converted to S.
+  template <class S>
+  static void sum_partials(const A* partial, int nth, int64_t n, S* out) {
+    for (int64_t e0 = 0; e0 < n; e0 += W) {
+      const int cnt = (int)imin(W, n - e0);
+      reg s = V::load_n(partial + e0, cnt);
+      for (int t = 1; t < nth; t++) s = V::add(s, V::load_n(partial + (size_t)t * n + e0, cnt));
+      V::store_n(out + e0, s, cnt);
+    }
+  }
+
+  template <class S>
+  static void fused_fwd(const FusedFwdArgs& a) {
+    const int64_t ntiles = (a.N + T - 1) / T;
+    const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
+    const S* x = static_cast<const S*>(a.x);
+    const S* res = static_cast<const S*>(a.residual);
+    const S* bd = static_cast<const S*>(a.down_bias);
+    const S* bu = static_cast<const S*>(a.up_bias);
+    S* out = static_cast<S*>(a.out);
+    S* hidden = static_cast<S*>(a.hidden);
+    const int64_t rpad = (a.r + W - 1) / W * W;
+#pragma omp parallel num_threads(nth)
+    {
+      Scratch& scratch = thread_scratch();
+      const int tid = omp_get_thread_num();
+      int64_t tb, te;
+      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
+      A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
+      if (xT) {
+        A* hT = xT + (size_t)a.d * T;
+        A* aT = hT + (size_t)rpad * T;
+        A* chunk = aT + (size_t)rpad * T;
+        for (int64_t t = tb; t < te; t++) {
+          const int64_t n0 = t * T;
+          const int nt = (int)imin(T, a.N - n0);
+          load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
+          rows(a.down, 0, a.r, xT, hT);
+          if (bd) {
+            for (int64_t j = 0; j < a.r; j++) {
+              A bj = load_scalar(bd + j);
+              const reg vb = V::set1(bj);
+              for (int u = 0; u < U; u++) V::store(hT + j * T + u * W, V::add(V::load(hT + j * T + u * W), vb));
+            }
+          }
+          for (int64_t m0 = 0; m0 < a.r; m0 += W)
+            store_tile<S>(hT + m0 * T, (int)imin(W, a.r - m0), m0, nt, hidden + n0 * a.r, a.r, nullptr, A(1),
+                          nullptr, 0);
+          act_fwd(hT, aT, a.r * T, a.act);
+          rows_to_tokens<S>(a.up, aT, chunk, nt, out + n0 * a.d_out, a.d_out, bu, (A)a.scale,
+                            res ? res + n0 * a.ldres : nullptr, a.ldres);
+        }
+      }
+    }
+  }
+
+  template <class S>
+  static void fused_bwd(const FusedBwdArgs& a) {
+    const int64_t ntiles = (a.N + T - 1) / T;
+    const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
+    const S* go = static_cast<const S*>(a.grad_out);
+    const S* x = static_cast<const S*>(a.x);
+    const S* hid = static_cast<const S*>(a.hidden);
+    const int64_t nnz_d = a.down.nnz(), nnz_u = a.up.nnz();
+    const int64_t rpad = (a.r + W - 1) / W * W;
+    // per-thread partials: grad_down_values | grad_up_values | up-bias lane sums [d_out][W] |
+    // down-bias lane sums [r][W]
+    const size_t per = (size_t)(nnz_d + nnz_u) + (size_t)(a.d_out + a.r) * W;
+    A* partial = static_cast<A*>(std::calloc((size_t)nth * per + 1, sizeof(A)));
+    if (!partial) return;
+#pragma omp parallel num_threads(nth)
+    {
+      Scratch& scratch = thread_scratch();
+      const int tid = omp_get_thread_num();
+      int64_t tb, te;
+      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
+      A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + W) * T));
+      if (gT) {
+        A* xT = gT + (size_t)a.d_out * T;
+        A* hT = xT + (size_t)a.d * T;
+        A* aT = hT + (size_t)rpad * T;
+        A* dT = aT + (size_t)rpad * T;
+        A* chunk = dT + (size_t)rpad * T;
+        A* g_down = partial + (size_t)tid * per;
+        A* g_up = g_down + nnz_d;
+        A* gub = g_up + nnz_u;
+        A* gdb = gub + (size_t)a.d_out * W;
+        for (int64_t t = tb; t < te; t++) {
+          const int64_t n0 = t * T;
+          const int nt = (int)imin(T, a.N - n0);
+          load_tile<S>(go + n0 * a.ldg, a.ldg, nt, a.d_out, gT, (A)a.scale, a.scale != 1.0);
+          lane_sums(gT, a.d_out, gub);
+          load_tile<S>(hid + n0 * a.ldh, a.ldh, nt, a.r, hT, A(1), false);
+          act_fwd(hT, aT, a.r * T, a.act);
+          sddmm_tile(a.up, gT, aT, g_up);
+          rows(a.up_t, 0, a.r, gT, dT);
+          act_bwd(hT, dT, a.r * T, a.act);
+          lane_sums(dT, a.r, gdb);
+          load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
+          sddmm_tile(a.down, dT, xT, g_down);
+          rows_to_tokens<S>(a.down_t, dT, chunk, nt, static_cast<S*>(a.grad_x) + n0 * a.d, a.d, nullptr, A(1),
+                            nullptr, 0);
+        }
+      }
+    }
+    // reduce the partials of the threads into thread 0's, then convert
+    for (int t = 1; t < nth; t++) {
+      const A* src = partial + (size_t)t * per;
+      for (size_t e = 0; e < per; e++) partial[e] += src[e];
+    }
+    sum_partials<S>(partial, 1, nnz_d, static_cast<S*>(a.grad_down_values));
+    sum_partials<S>(partial + nnz_d, 1, nnz_u, static_cast<S*>(a.grad_up_values));
+    lane_totals<S>(partial + nnz_d + nnz_u, a.d_out, static_cast<S*>(a.grad_up_bias));
+    lane_totals<S>(partial + nnz_d + nnz_u + (size_t)a.d_out * W, a.r, static_cast<S*>(a.grad_down_bias));
+    std::free(partial);
+  }
+
+  // acc[m][0:W] += sum_u tile[m][u*W : (u+1)*W]
+  static void lane_sums(const A* tile, int64_t rows_, A* acc) {
+    for (int64_t m = 0; m < rows_; m++) {
+      reg s = V::loadu(acc + m * W);
+      for (int u = 0; u < U; u++) s = V::add(s, V::load(tile + m * T + u * W));
+      V::storeu(acc + m * W, s);
+    }
+  }
+
+  template <class S>
+  static void lane_totals(const A* acc, int64_t rows_, S* out) {
+    for (int64_t m0 = 0; m0 < rows_; m0 += W) {
+      const int cnt = (int)imin(W, rows_ - m0);
+      reg r[W];
+      for (int i = 0; i < W; i++) r[i] = i < cnt ? V::loadu(acc + (m0 + i) * W) : V::zero();
+      V::store_n(out + m0, V::reduce_lanes(r), cnt);
+    }
+  }
+
+  template <class S>
+  static A load_scalar(const S* p) {
+    A tmp[W];
+    V::storeu(tmp, V::load_n(p, 1));
+    return tmp[0];
+  }
+};
+
+// -------------------------------------------------------------------------------------------------
+// Entry points: dispatch on dtype and tile size
+// -------------------------------------------------------------------------------------------------
+#define SAK_TILE_DISPATCH(TILE, DEFAULT, ...)                  \
+  switch ((TILE) == 0 ? (DEFAULT) : (TILE)) {                \
+    case 16: { constexpr int TT = 16; __VA_ARGS__; } break;    \
+    case 64: { constexpr int TT = 64; __VA_ARGS__; } break;    \
+    default: { constexpr int TT = 32; __VA_ARGS__; } break;    \
+  }
+
+template <class V>
+struct Entry {
+  template <class S> static void spmm(const SpmmArgs& a) {
+    SAK_TILE_DISPATCH(a.cfg.tile, V::DEFAULT_TILE, Kern<V, TT>::template spmm<S>(a));
+  }
+  template <class S> static void sddmm(const SddmmArgs& a) {
+    SAK_TILE_DISPATCH(a.cfg.tile, V::DEFAULT_TILE, Kern<V, TT>::template sddmm<S>(a));
+  }
+  template <class S> static void fused_fwd(const FusedFwdArgs& a) {
+    SAK_TILE_DISPATCH(a.cfg.tile, V::DEFAULT_TILE, Kern<V, TT>::template fused_fwd<S>(a));
+  }
+  template <class S> static void fused_bwd(const FusedBwdArgs& a) {
+    SAK_TILE_DISPATCH(a.cfg.tile, V::DEFAULT_TILE, Kern<V, TT>::template fused_bwd<S>(a));
+  }
+};

@@ -1,0 +1,487 @@
+// CPU implementations of every op of csrc/ops.cpp: input validation, output allocation, value
+// preparation (dtype of accumulation, transpose permutation) and the choice of kernel ISA. The
+// kernels themselves are in isa_*.cpp (built from kernel_body.h).
+//
+// ISA: AVX-512 (F/BW/VL/DQ) when the CPU has it, else AVX2+FMA, else the portable kernels; float64
+// always runs the portable kernels. SAK_CPU_ISA=auto|avx512|avx2|generic overrides (read per call,
+// so tests can compare paths); SAK_CPU_TILE=16|32|64 overrides the token tile (benchmarks).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cpu_kernels.h"
+
+namespace sak_cpu {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection
+// ---------------------------------------------------------------------------------------------
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* detect_best() {
+  if (avx512_table() && cpu_has_avx512()) return avx512_table();
+  if (avx2_table() && cpu_has_avx2()) return avx2_table();
+  return generic_table();
+}
+
+const KernelTable* kernels_for(DType dt) {
+  if (dt == DType::f64) return generic_table();
+  const char* env = std::getenv("SAK_CPU_ISA");
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    const std::string s(env);
+    if (s == "generic") return generic_table();
+    if (s == "avx2") {
+      TORCH_CHECK(avx2_table() && cpu_has_avx2(), "SAK_CPU_ISA=avx2: this CPU or build has no AVX2/FMA kernels");
+      return avx2_table();
+    }
+    if (s == "avx512") {
+      TORCH_CHECK(avx512_table() && cpu_has_avx512(),
+                  "SAK_CPU_ISA=avx512: this CPU or build has no AVX-512 (F/BW/VL/DQ) kernels");
+      return avx512_table();
+    }
+    TORCH_CHECK(false, "SAK_CPU_ISA: expected one of auto, avx512, avx2, generic, got '", s, "'");
+  }
+  static const KernelTable* best = detect_best();
+  return best;
+}
+
+Config make_config(int64_t work) {
+  Config c;
+  c.threads = (at::in_parallel_region() || work < (int64_t)1 << 16) ? 1 : (int)at::get_num_threads();
+  const char* env = std::getenv("SAK_CPU_TILE");
+  if (env && *env) {
+    const int t = std::atoi(env);
+    TORCH_CHECK(t == 16 || t == 32 || t == 64, "SAK_CPU_TILE: expected 16, 32 or 64, got '", env, "'");
+    c.tile = t;
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation (every message names the op, the argument, what was expected and what came)
+// ---------------------------------------------------------------------------------------------
+std::string shape_str(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); i++) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_cpu(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.defined(), "sparseadapter_kernels::", op, ": ", name, ": expected a tensor, got None");
+  TORCH_CHECK(t.device().is_cpu(), "sparseadapter_kernels::", op, ": ", name,
+              ": expected a CPU tensor (this is the CPU kernel), got a tensor on ", t.device());
+}
+
+DType float_dtype(const char* op, const char* name, const Tensor& t) {
+  check_cpu(op, name, t);
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kDouble: return DType::f64;
+    default:
+      TORCH_CHECK(false, "sparseadapter_kernels::", op, ": ", name,
+                  ": expected dtype float32, bfloat16 or float64, got ", t.scalar_type());
+  }
+}
+
+void check_same_dtype(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sparseadapter_kernels::", op, ": ", name, ": expected dtype ",
+              ref.scalar_type(), " (the dtype of ", ref_name, "), got ", t.scalar_type());
+}
+
+// A 2-D token-major matrix: rows must be contiguous (stride(1) == 1); any row stride is fine.
+void check_matrix(const char* op, const char* name, const Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2, "sparseadapter_kernels::", op, ": ", name, ": expected a 2-D tensor ", what, ", got a ",
+              t.dim(), "-D tensor of shape ", shape_str(t));
+  const bool rows_ok = t.size(1) <= 1 || t.stride(1) == 1;
+  const bool ld_ok = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+  TORCH_CHECK(rows_ok && ld_ok, "sparseadapter_kernels::", op, ": ", name,
+              ": expected contiguous rows (stride(1) == 1), got strides [", t.stride(0), ", ", t.stride(1),
+              "] for shape ", shape_str(t), "; call .contiguous()");
+}
+
+int64_t ld_of(const Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
+
+void check_vector(const char* op, const char* name, const Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "sparseadapter_kernels::", op, ": ", name, ": expected shape [", n,
+              "] (", what, "), got ", shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "sparseadapter_kernels::", op, ": ", name, ": expected a contiguous tensor");
+}
+
+void check_index(const char* op, const char* name, const Tensor& t) {
+  check_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() == at::kInt, "sparseadapter_kernels::", op, ": ", name,
+              ": expected dtype int32 (the index dtype of SparseWeight), got ", t.scalar_type(),
+              t.scalar_type() == at::kLong ? " (int64 indices are refused: convert with .int() after checking they fit)"
+                                           : "");
+  TORCH_CHECK(t.dim() == 1, "sparseadapter_kernels::", op, ": ", name, ": expected a 1-D tensor, got shape ",
+              shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "sparseadapter_kernels::", op, ": ", name, ": expected a contiguous tensor");
+}
+
+// crow: [rows + 1], starts at 0, non-decreasing, ends at nnz.
+void check_crow(const char* op, const char* name, const Tensor& crow, int64_t rows, const char* rows_what,
+                int64_t nnz, const char* nnz_what) {
+  check_index(op, name, crow);
+  TORCH_CHECK(crow.numel() == rows + 1, "sparseadapter_kernels::", op, ": ", name, ": expected ", rows + 1,
+              " entries (", rows_what, " + 1), got ", crow.numel());
+  const int32_t* p = crow.data_ptr<int32_t>();
+  TORCH_CHECK(p[0] == 0, "sparseadapter_kernels::", op, ": ", name, ": expected crow[0] == 0, got ", p[0]);
+  for (int64_t i = 0; i < rows; i++) {
+    TORCH_CHECK(p[i + 1] >= p[i], "sparseadapter_kernels::", op, ": ", name,
+                ": expected a non-decreasing array, got crow[", i + 1, "] = ", p[i + 1], " < crow[", i, "] = ", p[i]);
+  }
+  TORCH_CHECK(p[rows] == nnz, "sparseadapter_kernels::", op, ": ", name, ": expected the last entry to be ", nnz, " (",
+              nnz_what, "), got ", p[rows]);
+}
+
+// every entry in [0, limit)
+void check_range(const char* op, const char* name, const Tensor& idx, int64_t limit, const char* limit_what) {
+  const int32_t* p = idx.data_ptr<int32_t>();
+  const int64_t n = idx.numel();
+  int32_t lo = 0, hi = 0;
+  if (n) {
+    lo = hi = p[0];
+    for (int64_t i = 1; i < n; i++) {
+      lo = p[i] < lo ? p[i] : lo;
+      hi = p[i] > hi ? p[i] : hi;
+    }
+  }
+  TORCH_CHECK(n == 0 || (lo >= 0 && (int64_t)hi < limit), "sparseadapter_kernels::", op, ": ", name,
+              ": expected values in [0, ", limit, ") (", limit_what, "), got values in [", lo, ", ", hi, "]");
+}
+
+// A validated sparse operand, values converted to the accumulation dtype (and gathered / transposed
+// through perm when given). `values_holder` keeps the prepared values alive.
+struct Operand {
+  SparseOperand op;
+  Tensor values_holder;
+};
+
+// values: [nnz] (CSR) or [nb, bh, bw] (BSR). Stored orientation: block rows = crow.numel() - 1;
+// with perm (the transpose structure) the blocks are values[perm[k]].T. `in_features` is the size of
+// the dimension the product contracts over (the columns of the operand as applied).
+Operand make_operand(const char* op, const std::string& prefix, const Tensor& values, const Tensor& crow,
+                     const Tensor& col, const std::optional<Tensor>& perm, int64_t in_features,
+                     const char* in_what, DType dt) {
+  const std::string vn = prefix + "values", cn = prefix + "crow_indices", kn = prefix + "col_indices",
+                    pn = prefix + "perm";
+  check_cpu(op, vn.c_str(), values);
+  TORCH_CHECK(values.dim() == 1 || values.dim() == 3, "sparseadapter_kernels::", op, ": ", vn,
+              ": expected a 1-D (CSR [nnz]) or 3-D (BSR [nblocks, bh, bw]) tensor, got shape ", shape_str(values));
+  TORCH_CHECK(values.is_contiguous(), "sparseadapter_kernels::", op, ": ", vn, ": expected a contiguous tensor");
+  const bool bsr = values.dim() == 3;
+  const int64_t sbh = bsr ? values.size(1) : 1, sbw = bsr ? values.size(2) : 1;
+  TORCH_CHECK(sbh >= 1 && sbw >= 1, "sparseadapter_kernels::", op, ": ", vn, ": expected a positive block shape, got ",
+              shape_str(values));
+  check_index(op, kn.c_str(), col);
+  const int64_t nb = col.numel();
+  TORCH_CHECK(values.size(0) == nb, "sparseadapter_kernels::", op, ": ", vn, ": expected ", nb,
+              bsr ? " blocks" : " values", " (one per entry of ", kn, "), got ", values.size(0));
+  const bool transposed = perm.has_value() && perm->defined();
+  const int64_t bh = transposed ? sbw : sbh, bw = transposed ? sbh : sbw;
+  TORCH_CHECK(in_features % bw == 0, "sparseadapter_kernels::", op, ": ", in_what, " = ", in_features,
+              " is not divisible by the block width ", bw, " of ", vn, " (shape ", shape_str(values),
+              transposed ? ", transposed by perm)" : ")");
+  const int64_t block_cols = in_features / bw;
+  check_index(op, cn.c_str(), crow);
+  TORCH_CHECK(crow.numel() >= 1, "sparseadapter_kernels::", op, ": ", cn, ": expected at least 1 entry, got 0");
+  const int64_t block_rows = crow.numel() - 1;
+  check_crow(op, cn.c_str(), crow, block_rows, "block rows", nb, ("the number of entries of " + kn).c_str());
+  check_range(op, kn.c_str(), col, block_cols, bsr ? "block columns" : "columns");
+
+  Tensor v = values;
+  if (transposed) {
+    check_index(op, pn.c_str(), *perm);
+    TORCH_CHECK(perm->numel() == nb, "sparseadapter_kernels::", op, ": ", pn, ": expected ", nb, " entries (one per entry of ",
+                kn, "), got ", perm->numel());
+    check_range(op, pn.c_str(), *perm, nb, "entries of values");
+    v = values.index_select(0, *perm);
+    if (bsr) v = v.transpose(1, 2);
+  }
+  v = v.to(dt == DType::f64 ? at::kDouble : at::kFloat).contiguous();
+  Operand o;
+  o.values_holder = v;
+  o.op.values = v.data_ptr();
+  o.op.crow = crow.data_ptr<int32_t>();
+  o.op.col = col.data_ptr<int32_t>();
+  o.op.block_rows = block_rows;
+  o.op.bh = bh;
+  o.op.bw = bw;
+  o.op.nblocks = nb;
+  return o;
+}
+
+// Shape-only checks of transpose metadata that the forward carries for the backward.
+void check_t_meta(const char* op, const std::string& prefix, const Tensor& t_crow, const Tensor& t_row,
+                  const Tensor& t_perm, int64_t t_block_rows, int64_t nb) {
+  const std::string a = prefix + "t_crow_indices", b = prefix + "t_row_indices", c = prefix + "t_perm";
+  check_index(op, a.c_str(), t_crow);
+  check_index(op, b.c_str(), t_row);
+  check_index(op, c.c_str(), t_perm);
+  TORCH_CHECK(t_crow.numel() == t_block_rows + 1, "sparseadapter_kernels::", op, ": ", a, ": expected ",
+              t_block_rows + 1, " entries (block columns of the weight + 1), got ", t_crow.numel());
+  TORCH_CHECK(t_row.numel() == nb && t_perm.numel() == nb, "sparseadapter_kernels::", op, ": ", b, "/", c,
+              ": expected ", nb, " entries each (one per stored entry), got ", t_row.numel(), " and ", t_perm.numel());
+}
+
+Act parse_act(const char* op, c10::string_view s) {
+  const std::string a(s.data(), s.size());
+  if (a == "relu") return Act::relu;
+  if (a == "gelu") return Act::gelu;
+  if (a == "silu" || a == "swish") return Act::silu;
+  if (a == "identity") return Act::identity;
+  TORCH_CHECK(false, "sparseadapter_kernels::", op, ": activation: expected one of relu, gelu, silu, swish, identity, got '",
+              a, "'");
+}
+
+int64_t work_of(int64_t N, int64_t nnz, int64_t feats) { return N * (nnz + feats); }
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                 const std::optional<Tensor>& perm, bool want_bsr) {
+  const DType dt = float_dtype(op, "x", x);
+  check_matrix(op, "x", x, "[N, K]");
+  check_same_dtype(op, "values", values, "x", x);
+  TORCH_CHECK(values.dim() == (want_bsr ? 3 : 1), "sparseadapter_kernels::", op, ": values: expected a ",
+              want_bsr ? "3-D [nblocks, bh, bw]" : "1-D [nnz]", " tensor, got shape ", shape_str(values));
+  Operand A = make_operand(op, "", values, crow, col, perm, x.size(1), "x.size(1)", dt);
+  const int64_t N = x.size(0), M = A.op.rows();
+  Tensor y = at::empty({N, M}, x.options());
+  if (N == 0 || M == 0) return y;
+  if (A.op.nblocks == 0) return y.zero_();
+  SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
+             make_config(work_of(N, A.op.nnz(), x.size(1) + M))};
+  kernels_for(dt)->spmm(a);
+  return y;
+}
+
+Tensor csr_spmm(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                const std::optional<Tensor>& perm) {
+  return spmm_impl("csr_spmm", x, values, crow, col, perm, false);
+}
+
+Tensor bsr_spmm(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                const std::optional<Tensor>& perm) {
+  return spmm_impl("bsr_spmm", x, values, crow, col, perm, true);
+}
+
+Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col, int64_t bh,
+                  int64_t bw, bool bsr) {
+  const DType dt = float_dtype(op, "dy", dy);
+  check_matrix(op, "dy", dy, "[N, M]");
+  check_same_dtype(op, "x", x, "dy", dy);
+  check_matrix(op, "x", x, "[N, K]");
+  TORCH_CHECK(x.size(0) == dy.size(0), "sparseadapter_kernels::", op, ": x: expected ", dy.size(0),
+              " rows (the tokens of dy), got shape ", shape_str(x));
+  TORCH_CHECK(bh >= 1 && bw >= 1, "sparseadapter_kernels::", op, ": block_h, block_w: expected positive sizes, got ",
+              bh, " x ", bw);
+  const int64_t N = dy.size(0), M = dy.size(1), K = x.size(1);
+  TORCH_CHECK(M % bh == 0, "sparseadapter_kernels::", op, ": dy.size(1) = ", M, " is not divisible by block_h = ", bh);
+  TORCH_CHECK(K % bw == 0, "sparseadapter_kernels::", op, ": x.size(1) = ", K, " is not divisible by block_w = ", bw);
+  check_index(op, "col_indices", col);
+  const int64_t nb = col.numel();
+  check_crow(op, "crow_indices", crow, M / bh, bsr ? "dy.size(1) / block_h" : "dy.size(1)", nb,
+             "the number of entries of col_indices");
+  check_range(op, "col_indices", col, K / bw, bsr ? "x.size(1) / block_w" : "x.size(1)");
+  Tensor out = bsr ? at::empty({nb, bh, bw}, dy.options()) : at::empty({nb}, dy.options());
+  if (nb == 0) return out;
+  if (N == 0) return out.zero_();
+  SparseOperand S;
+  S.crow = crow.data_ptr<int32_t>();
+  S.col = col.data_ptr<int32_t>();
+  S.block_rows = M / bh;
+  S.bh = bh;
+  S.bw = bw;
+  S.nblocks = nb;
+  SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), S, out.data_ptr(),
+              make_config(work_of(N, S.nnz(), M + K))};
+  kernels_for(dt)->sddmm(a);
+  return out;
+}
+
+Tensor csr_sddmm(const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col) {
+  return sddmm_impl("csr_sddmm", dy, x, crow, col, 1, 1, false);
+}
+
+Tensor bsr_sddmm(const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col, int64_t block_h,
+                 int64_t block_w) {
+  return sddmm_impl("bsr_sddmm", dy, x, crow, col, block_h, block_w, true);
+}
+
+Tensor linear_impl(const char* op, const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                   const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm, bool bsr) {
+  Tensor y = spmm_impl(op, x, values, crow, col, std::nullopt, bsr);
+  const int64_t bw = bsr ? values.size(2) : 1;
+  check_t_meta(op, "", t_crow, t_row, t_perm, x.size(1) / bw, col.numel());
+  return y;
+}
+
+Tensor csr_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col, const Tensor& t_crow,
+                  const Tensor& t_row, const Tensor& t_perm) {
+  return linear_impl("csr_linear", x, values, crow, col, t_crow, t_row, t_perm, false);
+}
+
+Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col, const Tensor& t_crow,
+                  const Tensor& t_row, const Tensor& t_perm) {
+  return linear_impl("bsr_linear", x, values, crow, col, t_crow, t_row, t_perm, true);
+}
+
+void check_bias(const char* op, const char* name, const std::optional<Tensor>& b, int64_t n, const char* what,
+                const Tensor& x) {
+  if (!b.has_value() || !b->defined()) return;
+  check_same_dtype(op, name, *b, "x", x);
+  check_vector(op, name, *b, n, what);
+}
+
+std::tuple<Tensor, Tensor> fused_adapter(
+    const Tensor& x, const std::optional<Tensor>& residual, const Tensor& down_values, const Tensor& down_crow,
+    const Tensor& down_col, const Tensor& down_t_crow, const Tensor& down_t_row, const Tensor& down_t_perm,
+    const std::optional<Tensor>& down_bias, const Tensor& up_values, const Tensor& up_crow, const Tensor& up_col,
+    const Tensor& up_t_crow, const Tensor& up_t_row, const Tensor& up_t_perm, const std::optional<Tensor>& up_bias,
+    c10::string_view activation, double scale) {
+  const char* op = "fused_adapter";
+  const DType dt = float_dtype(op, "x", x);
+  check_matrix(op, "x", x, "[N, d]");
+  const Act act = parse_act(op, activation);
+  check_same_dtype(op, "down_values", down_values, "x", x);
+  check_same_dtype(op, "up_values", up_values, "x", x);
+  const int64_t N = x.size(0), d = x.size(1);
+  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt);
+  const int64_t r = D.op.rows();
+  Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt);
+  const int64_t d_out = Up.op.rows();
+  check_t_meta(op, "down_", down_t_crow, down_t_row, down_t_perm, d / D.op.bw, D.op.nblocks);
+  check_t_meta(op, "up_", up_t_crow, up_t_row, up_t_perm, r / Up.op.bw, Up.op.nblocks);
+  check_bias(op, "down_bias", down_bias, r, "rows of down", x);
+  check_bias(op, "up_bias", up_bias, d_out, "rows of up", x);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    check_same_dtype(op, "residual", *residual, "x", x);
+    check_matrix(op, "residual", *residual, "[N, d_out]");
+    TORCH_CHECK(residual->size(0) == N && residual->size(1) == d_out, "sparseadapter_kernels::", op,
+                ": residual: expected shape [", N, ", ", d_out, "] (tokens of x, rows of up), got ",
+                shape_str(*residual));
+  }
+  Tensor out = at::empty({N, d_out}, x.options());
+  Tensor hidden = at::empty({N, r}, x.options());
+  if (N == 0) return {out, hidden};
+  FusedFwdArgs a;
+  a.dtype = dt;
+  a.N = N; a.d = d; a.r = r; a.d_out = d_out;
+  a.x = x.data_ptr(); a.ldx = ld_of(x);
+  a.residual = has_res ? residual->data_ptr() : nullptr;
+  a.ldres = has_res ? ld_of(*residual) : 0;
+  a.down = D.op; a.up = Up.op;
+  a.down_bias = (down_bias.has_value() && down_bias->defined()) ? down_bias->data_ptr() : nullptr;
+  a.up_bias = (up_bias.has_value() && up_bias->defined()) ? up_bias->data_ptr() : nullptr;
+  a.act = act;
+  a.scale = scale;
+  a.out = out.data_ptr();
+  a.hidden = hidden.data_ptr();
+  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out));
+  kernels_for(dt)->fused_fwd(a);
+  return {out, hidden};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& hidden, const Tensor& down_values, const Tensor& down_crow,
+    const Tensor& down_col, const Tensor& down_t_crow, const Tensor& down_t_row, const Tensor& down_t_perm,
+    const Tensor& up_values, const Tensor& up_crow, const Tensor& up_col, const Tensor& up_t_crow,
+    const Tensor& up_t_row, const Tensor& up_t_perm, c10::string_view activation, double scale) {
+  const char* op = "fused_adapter_backward";
+  const DType dt = float_dtype(op, "x", x);
+  check_matrix(op, "x", x, "[N, d]");
+  const Act act = parse_act(op, activation);
+  check_same_dtype(op, "grad_out", grad_out, "x", x);
+  check_same_dtype(op, "hidden", hidden, "x", x);
+  check_same_dtype(op, "down_values", down_values, "x", x);
+  check_same_dtype(op, "up_values", up_values, "x", x);
+  const int64_t N = x.size(0), d = x.size(1);
+  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt);
+  const int64_t r = D.op.rows();
+  Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt);
+  const int64_t d_out = Up.op.rows();
+  // transposes: down.T is [d, r] (block rows d / bw, block columns r / bh), up.T is [r, d_out]
+  Operand Dt = make_operand(op, "down_t_", down_values, down_t_crow, down_t_row, down_t_perm, r,
+                            "the bottleneck size (rows of down)", dt);
+  Operand Ut = make_operand(op, "up_t_", up_values, up_t_crow, up_t_row, up_t_perm, d_out, "rows of up", dt);
+  TORCH_CHECK(Dt.op.rows() == d && Ut.op.rows() == r, "sparseadapter_kernels::", op,
+              ": down_t_crow_indices/up_t_crow_indices: expected ", d / D.op.bw + 1, " and ", r / Up.op.bw + 1,
+              " entries (block columns + 1), got ", down_t_crow.numel(), " and ", up_t_crow.numel());
+  check_matrix(op, "grad_out", grad_out, "[N, d_out]");
+  check_matrix(op, "hidden", hidden, "[N, r]");
+  TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
+              ": grad_out: expected shape [", N, ", ", d_out, "], got ", shape_str(grad_out));
+  TORCH_CHECK(hidden.size(0) == N && hidden.size(1) == r, "sparseadapter_kernels::", op, ": hidden: expected shape [", N,
+              ", ", r, "], got ", shape_str(hidden));
+  Tensor gx = at::empty({N, d}, x.options());
+  Tensor gdv = at::empty_like(down_values);
+  Tensor gdb = at::empty({r}, x.options());
+  Tensor guv = at::empty_like(up_values);
+  Tensor gub = at::empty({d_out}, x.options());
+  if (N == 0) {
+    gdv.zero_(); gdb.zero_(); guv.zero_(); gub.zero_();
+    return {gx, gdv, gdb, guv, gub};
+  }
+  FusedBwdArgs a;
+  a.dtype = dt;
+  a.N = N; a.d = d; a.r = r; a.d_out = d_out;
+  a.grad_out = grad_out.data_ptr(); a.ldg = ld_of(grad_out);
+  a.x = x.data_ptr(); a.ldx = ld_of(x);
+  a.hidden = hidden.data_ptr(); a.ldh = ld_of(hidden);
+  a.down = D.op; a.up = Up.op; a.down_t = Dt.op; a.up_t = Ut.op;
+  a.act = act;
+  a.scale = scale;
+  a.grad_x = gx.data_ptr();
+  a.grad_down_values = gdv.data_ptr();
+  a.grad_down_bias = gdb.data_ptr();
+  a.grad_up_values = guv.data_ptr();
+  a.grad_up_bias = gub.data_ptr();
+  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out));
+  kernels_for(dt)->fused_bwd(a);
+  return {gx, gdv, gdb, guv, gub};
+}
+
+}  // namespace
+}  // namespace sak_cpu
+
+TORCH_LIBRARY_IMPL(sparseadapter_kernels, CPU, m) {
+  m.impl("csr_spmm", &sak_cpu::csr_spmm);
+  m.impl("bsr_spmm", &sak_cpu::bsr_spmm);
+  m.impl("csr_sddmm", &sak_cpu::csr_sddmm);
+  m.impl("bsr_sddmm", &sak_cpu::bsr_sddmm);
+  m.impl("csr_linear", &sak_cpu::csr_linear);
+  m.impl("bsr_linear", &sak_cpu::bsr_linear);
+  m.impl("fused_adapter", &sak_cpu::fused_adapter);
+  m.impl("fused_adapter_backward", &sak_cpu::fused_adapter_backward);
+}

@@ -1,0 +1,499 @@
+"""The C++ CPU kernels (csrc/cpu) against the plain-PyTorch reference, on every ISA path this CPU has.
+
+Every op of csrc/ops.cpp: odd shapes, empty rows, N = 0 / 1 / tile boundaries, sparsity 0 / 0.5 / 0.99,
+fp32 / bf16 / fp64, CSR and BSR (incl. 8x24 and 16/32 blocks); gradients (gradcheck in float64 through
+the kernels), torch.library.opcheck, torch.compile(fullgraph=True), and the error messages of bad input.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import sparseadapter_kernels as sak
+from sparseadapter_kernels import reference as ref
+
+from conftest import TOL, random_mask
+
+pytestmark = pytest.mark.skipif(not sak.backend_status()["cpu"][0],
+                                reason=f"CPU kernels not built: {sak.backend_status()['cpu'][1]}")
+lib = torch.ops.sparseadapter_kernels
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+ISAS = ["generic"]
+if {"avx2", "fma"} <= _FLAGS:
+    ISAS.append("avx2")
+if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _FLAGS:
+    ISAS.append("avx512")
+BEST_ISA = ISAS[-1]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+# (layout, block size, weight shape [out, in]): odd sizes, a non-square odd block, the common blocks
+LAYOUTS = [
+    ("csr", None, (45, 70)),
+    ("bsr", (8, 24), (40, 96)),
+    ("bsr", (16, 16), (48, 80)),
+    ("bsr", (32, 32), (64, 96)),
+    ("bsr", (3, 5), (9, 25)),
+]
+LAYOUT_IDS = ["csr", "bsr8x24", "bsr16", "bsr32", "bsr3x5"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SAK_CPU_ISA", request.param)
+    return request.param
+
+
+def make_weight(shape, sparsity, dtype, layout, block, empty_rows=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, dtype=torch.float64, generator=g).to(dtype)
+    if layout == "csr":
+        mask = random_mask(shape, sparsity, empty_rows=empty_rows, generator=g)
+    else:
+        mask = random_mask(shape, sparsity, block_size=block, generator=g)
+        if empty_rows:  # drop whole block rows
+            mask[: block[0]] = False
+    return sak.SparseWeight.from_dense(w, mask, layout=layout, block_size=block)
+
+
+def rand(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype)
+
+
+def check(actual, expected, dtype, k=1, what=""):
+    """Kernel (any dtype) against a float64 oracle; tolerance grows with the reduction length k."""
+    atol, rtol = TOL[dtype]
+    scale = max(1.0, (k / 64) ** 0.5)
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale, msg=what)
+
+
+def _spmm(w):
+    return lib.csr_spmm if w.layout == "csr" else lib.bsr_spmm
+
+
+def _sddmm(dy, x, w):
+    if w.layout == "csr":
+        return lib.csr_sddmm(dy, x, w.crow_indices, w.col_indices)
+    return lib.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, *w.block_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# The three products of a projection
+# -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout,block,shape", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_products_match_reference(isa, layout, block, shape, sparsity, dtype):
+    if dtype == torch.float64 and isa != "generic":
+        pytest.skip("float64 always runs the portable kernels")
+    w = make_weight(shape, sparsity, dtype, layout, block, empty_rows=1 if sparsity < 0.9 else 0)
+    N = 37
+    x, dy = rand(N, shape[1], dtype=dtype), rand(N, shape[0], dtype=dtype, seed=2)
+    v64 = w.values.double()
+    # forward y = x @ W.T
+    y = _spmm(w)(x, w.values, w.crow_indices, w.col_indices, None)
+    check(y, ref.spmm(x.double(), v64, w.crow_indices, w.col_indices), dtype, shape[1], "forward")
+    # dx = dy @ W through the transpose structure
+    dx = _spmm(w)(dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm)
+    check(dx, ref.spmm(dy.double(), v64, w.t_crow_indices, w.t_row_indices, w.t_perm), dtype, shape[0], "dx")
+    # dvalues: SDDMM at the kept entries only
+    g = _sddmm(dy, x, w)
+    assert g.shape == w.values.shape
+    check(g, ref.sddmm(dy.double(), x.double(), v64, w.crow_indices, w.col_indices), dtype, N, "sddmm")
+
+
+@pytest.mark.parametrize("tile", ["16", "32", "64"])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 33, 64, 65, 130])
+def test_token_counts_and_tiles(isa, tile, n, monkeypatch):
+    """N = 0, 1 and every side of the tile boundaries, on each tile size."""
+    monkeypatch.setenv("SAK_CPU_TILE", tile)
+    for layout, block, shape in (LAYOUTS[0], LAYOUTS[1]):
+        w = make_weight(shape, 0.7, torch.float32, layout, block, empty_rows=1)
+        x, dy = rand(n, shape[1]), rand(n, shape[0], seed=3)
+        y = _spmm(w)(x, w.values, w.crow_indices, w.col_indices, None)
+        assert y.shape == (n, shape[0])
+        check(y, ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices), torch.float32, what="fwd")
+        g = _sddmm(dy, x, w)
+        expected = ref.sddmm(dy.double(), x.double(), w.values.double(), w.crow_indices, w.col_indices)
+        check(g, expected, torch.float32, max(n, 1), "sddmm")
+
+
+def test_strided_rows_and_threads():
+    """x with a row stride (a column slice) and 1 vs 2 threads give the reference answer."""
+    w = make_weight((64, 96), 0.8, torch.float32, "csr", None)
+    big = rand(300, 128)
+    x = big[:, 16:112]
+    assert not x.is_contiguous() and x.stride(1) == 1
+    expected = ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, max(2, threads)):
+            torch.set_num_threads(t)
+            y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+            check(y, expected, torch.float32, 96, f"threads={t}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_default_shape_all_paths_agree():
+    """The benchmark shape (N=4096, d=768, r=64) through every ISA gives the reference result."""
+    w = make_weight((64, 768), 0.9, torch.float32, "csr", None)
+    x = rand(4096, 768)
+    expected = ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices)
+    for name in ISAS:
+        os.environ["SAK_CPU_ISA"] = name
+        try:
+            y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+        finally:
+            del os.environ["SAK_CPU_ISA"]
+        check(y, expected, torch.float32, 768, name)
+
+
+def test_bf16_rounding_matches_torch():
+    """bf16 outputs are fp32 sums rounded to nearest even, like torch's own conversion."""
+    w = make_weight((32, 64), 0.5, torch.bfloat16, "csr", None)
+    x = rand(40, 64, dtype=torch.bfloat16)
+    y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+    exact = ref.spmm(x.float(), w.values.float(), w.crow_indices, w.col_indices)
+    # fp32 accumulation differs only in summation order: at most one bf16 ulp apart
+    assert (y.float() - exact.bfloat16().float()).abs().le(exact.abs() * 2**-7 + 1e-6).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# The fused adapter
+# -------------------------------------------------------------------------------------------------
+def _adapter_weights(d, r, d_out, sparsity, dtype, layout, block):
+    down = make_weight((r, d), sparsity, dtype, layout, block, seed=5)
+    ub = None if block is None else (block[1], block[0]) if d_out % block[1] == 0 and r % block[0] == 0 else block
+    up = make_weight((d_out, r), sparsity, dtype, layout, ub, seed=6)
+    return down, up
+
+
+def _fused_args(x, res, down, up, bd, bu, act, scale):
+    return (x, res, down.values, down.crow_indices, down.col_indices, down.t_crow_indices, down.t_row_indices,
+            down.t_perm, bd, up.values, up.crow_indices, up.col_indices, up.t_crow_indices, up.t_row_indices,
+            up.t_perm, bu, act, scale)
+
+
+def _fused_bwd_args(go, x, hidden, down, up, act, scale):
+    return (go, x, hidden, down.values, down.crow_indices, down.col_indices, down.t_crow_indices,
+            down.t_row_indices, down.t_perm, up.values, up.crow_indices, up.col_indices, up.t_crow_indices,
+            up.t_row_indices, up.t_perm, act, scale)
+
+
+def _as64(w):
+    return w.to(torch.float64)
+
+
+ADAPTER_LAYOUTS = [("csr", None, (70, 24, 70)), ("bsr", (8, 24), (96, 48, 96)), ("bsr", (16, 16), (64, 32, 48))]
+
+
+@pytest.mark.parametrize("layout,block,dims", ADAPTER_LAYOUTS, ids=["csr", "bsr8x24", "bsr16"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "identity"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_adapter_forward_backward(isa, layout, block, dims, act, dtype):
+    if dtype == torch.float64 and isa != "generic":
+        pytest.skip("float64 always runs the portable kernels")
+    d, r, d_out = dims
+    down, up = _adapter_weights(d, r, d_out, 0.5, dtype, layout, block)
+    N = 41
+    x = rand(N, d, dtype=dtype)
+    res = rand(N, d_out, dtype=dtype, seed=7)
+    bd, bu = rand(r, dtype=dtype, seed=8), rand(d_out, dtype=dtype, seed=9)
+    scale = 0.75
+    out, hidden = lib.fused_adapter(*_fused_args(x, res, down, up, bd, bu, act, scale))
+    e_out, e_hidden = ref.fused_adapter(*_fused_args(x.double(), res.double(), _as64(down), _as64(up), bd.double(),
+                                                     bu.double(), act, scale))
+    check(hidden, e_hidden, dtype, d, "hidden")
+    check(out, e_out, dtype, d * r, "out")
+    go = rand(N, d_out, dtype=dtype, seed=10)
+    grads = lib.fused_adapter_backward(*_fused_bwd_args(go, x, hidden, down, up, act, scale))
+    # the oracle starts from the kernel's (rounded) hidden, like the kernel does
+    expected = ref.fused_adapter_backward(*_fused_bwd_args(go.double(), x.double(), hidden.double(), _as64(down),
+                                                           _as64(up), act, scale))
+    names = ["grad_x", "grad_down_values", "grad_down_bias", "grad_up_values", "grad_up_bias"]
+    for name, got, exp, k in zip(names, grads, expected, [d_out * r, N * d_out, N * d_out, N, N]):
+        assert got.shape == exp.shape, name
+        check(got, exp, dtype, k, name)
+
+
+@pytest.mark.parametrize("n", [0, 1, 33])
+def test_fused_adapter_optional_args_and_token_counts(isa, n):
+    down, up = _adapter_weights(70, 24, 70, 0.6, torch.float32, "csr", None)
+    x = rand(n, 70)
+    out, hidden = lib.fused_adapter(*_fused_args(x, None, down, up, None, None, "swish", 1.0))
+    e_out, e_hidden = ref.fused_adapter(*_fused_args(x.double(), None, _as64(down), _as64(up), None, None, "silu", 1.0))
+    assert out.shape == (n, 70) and hidden.shape == (n, 24)
+    check(out, e_out, torch.float32, 70 * 24)
+    check(hidden, e_hidden, torch.float32, 70)
+    grads = lib.fused_adapter_backward(*_fused_bwd_args(rand(n, 70, seed=4), x, hidden, down, up, "silu", 1.0))
+    if n == 0:
+        assert grads[0].shape == (0, 70) and all(bool((g == 0).all()) for g in grads[1:])
+
+
+def test_activation_extremes():
+    """Large |h| must not overflow the vector exp/erf (silu, gelu and their gradients)."""
+    down, up = _adapter_weights(16, 16, 16, 0.0, torch.float32, "csr", None)
+    x = torch.tensor([[-200.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 200.0] + [0.0] * 7]).repeat(3, 1)
+    for act in ("gelu", "silu"):
+        for name in ISAS:
+            os.environ["SAK_CPU_ISA"] = name
+            try:
+                out, hidden = lib.fused_adapter(*_fused_args(x, None, down, up, None, None, act, 1.0))
+                grads = lib.fused_adapter_backward(*_fused_bwd_args(torch.ones(3, 16), x, hidden, down, up, act, 1.0))
+            finally:
+                del os.environ["SAK_CPU_ISA"]
+            e_out, _ = ref.fused_adapter(*_fused_args(x.double(), None, _as64(down), _as64(up), None, None, act, 1.0))
+            assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+            torch.testing.assert_close(out.double(), e_out, rtol=1e-4, atol=1e-3)
+
+
+# -------------------------------------------------------------------------------------------------
+# Autograd through the public wrappers, gradcheck, opcheck, torch.compile
+# -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout,block", [("csr", None), ("bsr", (8, 24))])
+def test_sparse_linear_autograd_matches_reference(layout, block):
+    shape = (48, 96)
+    w = make_weight(shape, 0.7, torch.float32, layout, block)
+    x = rand(3, 11, 96).requires_grad_(True)
+    bias = rand(48, seed=3).requires_grad_(True)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        v = w.values.clone().requires_grad_(True)
+        xi = x.detach().clone().requires_grad_(True)
+        bi = bias.detach().clone().requires_grad_(True)
+        y = sak.ops.sparse_linear(xi, w.with_values(v), bi, backend=backend)
+        y.backward(rand(3, 11, 48, seed=4))
+        grads[backend] = (y.detach(), xi.grad, v.grad, bi.grad)
+    for a, b in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout,block", [("csr", None), ("bsr", (4, 8))])
+def test_sparse_adapter_autograd_matches_reference(layout, block):
+    down, up = _adapter_weights(32, 16, 32, 0.5, torch.float32, layout, block)
+    results = {}
+    for backend in ("cpu", "reference"):
+        dv = down.values.clone().requires_grad_(True)
+        uv = up.values.clone().requires_grad_(True)
+        bd = rand(16, seed=2).requires_grad_(True)
+        bu = rand(32, seed=3).requires_grad_(True)
+        x = rand(2, 9, 32).requires_grad_(True)
+        res = rand(2, 9, 32, seed=5).requires_grad_(True)
+        out = sak.ops.sparse_adapter(x, down.with_values(dv), up.with_values(uv), bd, bu, activation="gelu",
+                                     scale=2.0, residual=res, backend=backend)
+        out.backward(rand(2, 9, 32, seed=6))
+        results[backend] = [out.detach(), x.grad, dv.grad, uv.grad, bd.grad, bu.grad, res.grad]
+    for a, b in zip(results["cpu"], results["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout,block", [("csr", None), ("bsr", (2, 3))])
+def test_gradcheck_linear_through_kernels(layout, block):
+    w = make_weight((6, 9), 0.5, torch.float64, layout, block)
+    values = w.values.clone().requires_grad_(True)
+    x = rand(5, 9, dtype=torch.float64).requires_grad_(True)
+    linear = lib.csr_linear if layout == "csr" else lib.bsr_linear
+
+    def fn(x, v):
+        return linear(x, v, w.crow_indices, w.col_indices, w.t_crow_indices, w.t_row_indices, w.t_perm)
+
+    assert torch.autograd.gradcheck(fn, (x, values))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("layout,block", [("csr", None), ("bsr", (2, 3))])
+def test_gradcheck_fused_adapter_through_kernels(act, layout, block):
+    down, up = _adapter_weights(9, 6, 9, 0.4, torch.float64, layout, block)
+    x = rand(4, 9, dtype=torch.float64).requires_grad_(True)
+    res = rand(4, 9, dtype=torch.float64, seed=2).requires_grad_(True)
+    dv, uv = down.values.clone().requires_grad_(True), up.values.clone().requires_grad_(True)
+    bd = rand(6, dtype=torch.float64, seed=3).requires_grad_(True)
+    bu = rand(9, dtype=torch.float64, seed=4).requires_grad_(True)
+    if act == "relu":  # keep pre-activations away from the kink
+        with torch.no_grad():
+            bd += torch.sign(bd) * 0.5
+
+    def fn(x, res, dv, bd, uv, bu):
+        out, _ = lib.fused_adapter(x, res, dv, down.crow_indices, down.col_indices, down.t_crow_indices,
+                                   down.t_row_indices, down.t_perm, bd, uv, up.crow_indices, up.col_indices,
+                                   up.t_crow_indices, up.t_row_indices, up.t_perm, bu, act, 0.5)
+        return out
+
+    assert torch.autograd.gradcheck(fn, (x, res, dv, bd, uv, bu))
+
+
+def _opcheck_cases():
+    w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
+    b = make_weight((8, 24), 0.5, torch.float32, "bsr", (4, 6))
+    x, dy, dyb = rand(5, 24), rand(5, 12, seed=2), rand(5, 8, seed=3)
+    xg = x.clone().requires_grad_(True)
+    down, up = _adapter_weights(24, 8, 24, 0.5, torch.float32, "csr", None)
+    res = rand(5, 24, seed=4)
+    bd, bu = rand(8, seed=5), rand(24, seed=6)
+    out, hidden = lib.fused_adapter(*_fused_args(x, res, down, up, bd, bu, "gelu", 0.5))
+    fused = list(_fused_args(xg, res, down, up, bd, bu, "gelu", 0.5))
+    fused[2] = down.values.clone().requires_grad_(True)
+    return {
+        "csr_spmm": (lib.csr_spmm.default, (x, w.values, w.crow_indices, w.col_indices, None)),
+        "csr_spmm_perm": (lib.csr_spmm.default, (dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm)),
+        "bsr_spmm": (lib.bsr_spmm.default, (x, b.values, b.crow_indices, b.col_indices, None)),
+        "bsr_spmm_perm": (lib.bsr_spmm.default, (dyb, b.values, b.t_crow_indices, b.t_row_indices, b.t_perm)),
+        "csr_sddmm": (lib.csr_sddmm.default, (dy, x, w.crow_indices, w.col_indices)),
+        "bsr_sddmm": (lib.bsr_sddmm.default, (dyb, x, b.crow_indices, b.col_indices, 4, 6)),
+        "csr_linear": (lib.csr_linear.default, (xg, w.values.clone().requires_grad_(True), w.crow_indices,
+                                                w.col_indices, w.t_crow_indices, w.t_row_indices, w.t_perm)),
+        "bsr_linear": (lib.bsr_linear.default, (xg, b.values.clone().requires_grad_(True), b.crow_indices,
+                                                b.col_indices, b.t_crow_indices, b.t_row_indices, b.t_perm)),
+        "fused_adapter": (lib.fused_adapter.default, tuple(fused)),
+        "fused_adapter_backward": (lib.fused_adapter_backward.default,
+                                   _fused_bwd_args(rand(5, 24, seed=7), x, hidden, down, up, "gelu", 0.5)),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "csr_spmm", "csr_spmm_perm", "bsr_spmm", "bsr_spmm_perm", "csr_sddmm", "bsr_sddmm", "csr_linear", "bsr_linear",
+    "fused_adapter", "fused_adapter_backward"])
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    w = make_weight((48, 96), 0.8, torch.float32, "csr", None)
+    down, up = _adapter_weights(96, 16, 96, 0.6, torch.float32, "csr", None)
+    bias = rand(48, seed=2)
+
+    def fn(x):
+        y = sak.ops.sparse_linear(x, w, bias, backend="cpu")
+        z = sak.ops.sparse_adapter(x, down, up, activation="relu", residual=x, backend="cpu")
+        return y.sum(-1, keepdim=True) + z
+
+    x = rand(2, 7, 96)
+    eager = fn(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager)
+    xg = x.clone().requires_grad_(True)
+    compiled(xg).sum().backward()
+    xe = x.clone().requires_grad_(True)
+    fn(xe).sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad)
+
+
+# -------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, never a crash or a wrong answer
+# -------------------------------------------------------------------------------------------------
+def _bad_cases():
+    w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
+    b = make_weight((8, 24), 0.5, torch.float32, "bsr", (4, 6))
+    x, dy = rand(5, 24), rand(5, 12, seed=2)
+    v, crow, col = w.values, w.crow_indices, w.col_indices
+    bad_crow = crow.clone()
+    bad_crow[3] = int(crow[4]) + 1  # crow[3] > crow[4]
+    huge_col = col.clone()
+    huge_col[-1] = 2**30
+    neg_col = col.clone()
+    neg_col[0] = -1
+    bad_perm = w.t_perm.clone()
+    bad_perm[0] = w.nnz + 5
+    down, up = _adapter_weights(24, 8, 24, 0.5, torch.float32, "csr", None)
+    ok = list(_fused_args(x, None, down, up, None, None, "relu", 1.0))
+
+    def fused(**kw):
+        args = list(ok)
+        names = ["x", "residual", "down_values", "down_crow_indices", "down_col_indices", "down_t_crow_indices",
+                 "down_t_row_indices", "down_t_perm", "down_bias", "up_values", "up_crow_indices", "up_col_indices",
+                 "up_t_crow_indices", "up_t_row_indices", "up_t_perm", "up_bias", "activation", "scale"]
+        for k, val in kw.items():
+            args[names.index(k)] = val
+        return lambda: lib.fused_adapter(*args)
+
+    _, hidden = lib.fused_adapter(*ok)
+    bwd_ok = list(_fused_bwd_args(rand(5, 24), x, hidden, down, up, "relu", 1.0))
+
+    def fused_bwd(i, val):
+        args = list(bwd_ok)
+        args[i] = val
+        return lambda: lib.fused_adapter_backward(*args)
+
+    return [
+        ("x int", lambda: lib.csr_spmm(x.int(), v, crow, col, None), r"x: expected dtype float32, bfloat16 or float64"),
+        ("x fp16", lambda: lib.csr_spmm(x.half(), v.half(), crow, col, None), r"x: expected dtype float32"),
+        ("values dtype", lambda: lib.csr_spmm(x, v.double(), crow, col, None), r"values: expected dtype Float"),
+        ("x 3-D", lambda: lib.csr_spmm(x[None], v, crow, col, None), r"x: expected a 2-D tensor \[N, K\], got a 3-D"),
+        ("x non-contiguous", lambda: lib.csr_spmm(rand(24, 5).T, v, crow, col, None), r"x: expected contiguous rows"),
+        ("int64 crow", lambda: lib.csr_spmm(x, v, crow.long(), col, None),
+         r"crow_indices: expected dtype int32.*int64 indices are refused"),
+        ("int64 col", lambda: lib.csr_spmm(x, v, crow, col.long(), None), r"col_indices: expected dtype int32"),
+        ("crow not monotone", lambda: lib.csr_spmm(x, v, bad_crow, col, None), r"crow_indices: expected a non-decreasing"),
+        ("crow last", lambda: lib.csr_spmm(x, v[:-1], crow, col[:-1], None), r"crow_indices: expected the last entry"),
+        ("col out of range", lambda: lib.csr_spmm(x, v, crow, huge_col, None),
+         r"col_indices: expected values in \[0, 24\)"),
+        ("col negative", lambda: lib.csr_spmm(x, v, crow, neg_col, None), r"col_indices: expected values in \[0, 24\)"),
+        ("x too narrow", lambda: lib.csr_spmm(x[:, :10].contiguous(), v, crow, col, None),
+         r"col_indices: expected values in \[0, 10\)"),
+        ("values count", lambda: lib.csr_spmm(x, v[:-1], crow, col, None), r"values: expected \d+ values"),
+        ("csr values 3-D", lambda: lib.csr_spmm(x, b.values, b.crow_indices, b.col_indices, None),
+         r"values: expected a 1-D \[nnz\] tensor"),
+        ("perm out of range", lambda: lib.csr_spmm(dy, v, w.t_crow_indices, w.t_row_indices, bad_perm),
+         r"perm: expected values in \[0, \d+\)"),
+        ("perm length", lambda: lib.csr_spmm(dy, v, w.t_crow_indices, w.t_row_indices, w.t_perm[:-1]),
+         r"perm: expected \d+ entries"),
+        ("bsr K not divisible", lambda: lib.bsr_spmm(rand(5, 25), b.values, b.crow_indices, b.col_indices, None),
+         r"x.size\(1\) = 25 is not divisible by the block width 6"),
+        ("bsr values 1-D", lambda: lib.bsr_spmm(x, v, crow, col, None), r"values: expected a 3-D"),
+        ("sddmm token mismatch", lambda: lib.csr_sddmm(dy, x[:4], crow, col), r"x: expected 5 rows"),
+        ("sddmm dtype mismatch", lambda: lib.csr_sddmm(dy, x.double(), crow, col), r"x: expected dtype Float"),
+        ("sddmm crow length", lambda: lib.csr_sddmm(dy[:, :7], x, crow, col), r"crow_indices: expected 8 entries"),
+        ("bsr_sddmm block", lambda: lib.bsr_sddmm(rand(5, 8), x, b.crow_indices, b.col_indices, 4, 5),
+         r"x.size\(1\) = 24 is not divisible by block_w = 5"),
+        ("bsr_sddmm block 0", lambda: lib.bsr_sddmm(rand(5, 8), x, b.crow_indices, b.col_indices, 0, 6),
+         r"block_h, block_w: expected positive sizes"),
+        ("linear t_crow", lambda: lib.csr_linear(x, v, crow, col, w.t_crow_indices[:-1], w.t_row_indices, w.t_perm),
+         r"t_crow_indices: expected 25 entries"),
+        ("linear t_perm int64", lambda: lib.csr_linear(x, v, crow, col, w.t_crow_indices, w.t_row_indices,
+                                                       w.t_perm.long()), r"t_perm: expected dtype int32"),
+        ("fused activation", fused(activation="tanh"), r"activation: expected one of relu, gelu, silu"),
+        ("fused bias shape", fused(down_bias=rand(7)), r"down_bias: expected shape \[8\]"),
+        ("fused bias dtype", fused(up_bias=rand(24).double()), r"up_bias: expected dtype Float"),
+        ("fused residual shape", fused(residual=rand(5, 23)), r"residual: expected shape \[5, 24\]"),
+        ("fused up too wide", fused(up_values=b.values, up_crow_indices=b.crow_indices, up_col_indices=b.col_indices),
+         r"up_col_indices: expected values in \[0, 2\)|is not divisible by the block width"),
+        ("fused x dtype", fused(x=x.double()), r"down_values: expected dtype Double"),
+        ("bwd hidden shape", fused_bwd(2, hidden[:, :7].contiguous()), r"hidden: expected shape \[5, 8\]"),
+        ("bwd grad_out dtype", fused_bwd(0, rand(5, 24).double()), r"grad_out: expected dtype Float"),
+        ("bwd t_perm range", fused_bwd(8, torch.full_like(down.t_perm, 10**6)),
+         r"down_t_perm: expected values in \[0, \d+\)"),
+        ("bwd activation", fused_bwd(15, "softmax"), r"activation: expected one of"),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_gives_clear_error(idx):
+    name, call, pattern = _bad_cases()[idx]
+    with pytest.raises(RuntimeError, match=pattern):
+        call()
+
+
+def test_bad_isa_env(monkeypatch):
+    w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
+    monkeypatch.setenv("SAK_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match=r"SAK_CPU_ISA: expected one of auto, avx512, avx2, generic, got 'sse9'"):
+        lib.csr_spmm(rand(3, 24), w.values, w.crow_indices, w.col_indices, None)
