@@ -4,14 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from typing import List, Optional, Sequence
-
-
-def _quiet_torch_sparse_warnings() -> None:
-    for pattern in ("Sparse CSR tensor support is in beta", "Sparse BSR tensor support is in beta",
-                    "Sparse invariant checks are implicitly disabled"):
-        warnings.filterwarnings("ignore", message=pattern + ".*")
 
 
 def run_compare(parser, paths: Sequence[str]) -> int:
@@ -34,7 +27,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser, args, cfg = cli.parse(argv)
     if args.compare:
         return run_compare(parser, args.compare)
-    _quiet_torch_sparse_warnings()
 
     from . import provenance, report
     from .harness import Runner, failures

@@ -8,7 +8,6 @@ layout or dtype, ...) is ``n/a`` with the reason. ``Runner.events`` records ever
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import time
 from typing import Dict, List, Optional, Tuple
@@ -153,7 +152,6 @@ class Runner:
             tick()
         rows = self._rows(p, wl, results)
         del wl
-        gc.collect()
         return rows
 
     def _rows(self, p: Problem, wl: Workload, results: List[Measurement]) -> List[dict]:

@@ -13,6 +13,7 @@ and verifies its outputs against the float64 oracle first.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -22,6 +23,11 @@ from .. import ops
 from ..ops import backend_status
 from .shapes import Problem
 from .workload import Workload, activation, dense_forward
+
+# torch.sparse's beta notices would be repeated for every row.
+for _pattern in ("Sparse CSR tensor support is in beta", "Sparse BSR tensor support is in beta",
+                 "Sparse invariant checks are implicitly disabled"):
+    warnings.filterwarnings("ignore", message=_pattern + ".*")
 
 BASELINES = ("torch-dense", "torch-dense-best", "reference", "torch.sparse")
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")

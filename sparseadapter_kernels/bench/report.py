@@ -167,6 +167,10 @@ def format_header(prov: dict, backends: dict) -> List[str]:
              f"{prov['torch_threads']} torch threads; {' '.join(prov['cpu_flags'])})"
              + (f"; GPU {gpu['name']}" if gpu else ""),
              f"torch {prov['torch']}, triton {prov.get('triton') or 'not installed'}, python {prov['python']}"]
+    load = prov.get("load_average")
+    if load and load[0] > (prov.get("cpu_usable") or 1) and not prov["device"].startswith("cuda"):
+        lines.append(f"WARNING: the machine is busy (load average {load[0]:.1f} on {prov['cpu_usable']} cores): "
+                     "timings will be noisy (multi-threaded ops stall when their threads are descheduled)")
     timed = ", ".join(backends.get("timed", [])) or "none"
     lines.append(f"our backends timed: {timed}")
     for name, why in backends.get("skipped", {}).items():
