@@ -26,6 +26,8 @@ build: $(VENV)/.installed
 
 test: build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider
+	# Triton kernels on the CPU: TRITON_INTERPRET must be set before triton is imported, hence its own process
+	TRITON_INTERPRET=1 $(PY) -m pytest python_tests/test_triton.py -m interpret -q -p no:cacheprovider
 
 bench: build
 	$(PY) -m sparseadapter_kernels.bench
