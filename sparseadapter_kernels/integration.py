@@ -802,13 +802,15 @@ def _state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[st
     sparse_meta: Dict[str, Dict[str, Any]] = {}
     sparse_bytes = dense_bytes = 0
     for name, m in lins.items():
+        full = m.nnz == m.out_features * m.in_features  # nothing pruned: the values alone say it all
         tensors[f"{name}.values"] = m.values.detach()
-        tensors[f"{name}.crow_indices"] = m.crow_indices
-        tensors[f"{name}.col_indices"] = m.col_indices
+        if not full:
+            tensors[f"{name}.crow_indices"] = m.crow_indices
+            tensors[f"{name}.col_indices"] = m.col_indices
         sparse_meta[name] = dict(shape=[m.out_features, m.in_features], layout=m.layout,
-                                 block_size=list(m.block_size))
+                                 block_size=list(m.block_size), full=full)
         es = m.values.element_size()
-        sparse_bytes += m.values.numel() * es + (m.crow_indices.numel() + m.col_indices.numel()) * 4
+        sparse_bytes += m.values.numel() * es + (0 if full else (m.crow_indices.numel() + m.col_indices.numel()) * 4)
         dense_bytes += m.out_features * m.in_features * es
     dense_names = []
     for root, mod in _adapter_trainables(model).items():
@@ -932,6 +934,16 @@ def _check_architecture(model: nn.Module, doc: Dict[str, Any], path: str) -> Non
                          f"{here['class_name']} ({here['model_type']!r}): " + "; ".join(diffs))
 
 
+def _full_structure(meta: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """crow / col indices of a weight (or block grid) with every entry stored."""
+    out_f, in_f = (int(s) for s in meta["shape"])
+    bh, bw = (int(b) for b in meta["block_size"])
+    nbr, nbc = out_f // max(bh, 1), in_f // max(bw, 1)
+    crow = torch.arange(0, nbr * nbc + 1, max(nbc, 1), dtype=torch.int32)
+    col = torch.arange(nbc, dtype=torch.int32).repeat(nbr)
+    return crow, col
+
+
 def _rebuild_weight(name: str, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                     meta: Dict[str, Any]) -> SparseWeight:
     """Validated SparseWeight from saved (values, crow, col); the values are used as stored (bit-exact)."""
@@ -1017,11 +1029,13 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
                          f"(missing in file: {missing}, unknown to the model: {extra})")
     used = set()
     for name, m in lins.items():
+        meta = sparse_meta[name]
+        keys = ("values",) if meta.get("full") else ("values", "crow_indices", "col_indices")
         try:
-            values, crow, col = (tensors[f"{name}.{k}"] for k in ("values", "crow_indices", "col_indices"))
+            values, *index = (tensors[f"{name}.{k}"] for k in keys)
         except KeyError as exc:
             raise ValueError(f"load_adapters: {w_path} lacks tensor {exc.args[0]!r}") from None
-        meta = sparse_meta[name]
+        crow, col = index if index else _full_structure(meta)
         if tuple(meta["shape"]) != (m.out_features, m.in_features):
             raise ValueError(f"load_adapters: {name} has shape {tuple(meta['shape'])} in the file but "
                              f"{(m.out_features, m.in_features)} in the model")
@@ -1030,7 +1044,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
         w = w.to(device=dev, dtype=dt)
         m._values_grad = True
         m._set_sparse(w)
-        used.update(f"{name}.{k}" for k in ("values", "crow_indices", "col_indices"))
+        used.update(f"{name}.{k}" for k in keys)
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, t in tensors.items():
         if key in used:
