@@ -93,11 +93,12 @@ class Workload:
         x_bytes = problem.n * problem.in_features * self.dtype.itemsize
         dev = self.device.type
         self.n_buffers = buffers or max(2, min(MAX_BUFFERS.get(dev, 8), math.ceil(ROTATE_BYTES.get(dev, 64 << 20) / x_bytes)))
-        # Inputs are drawn in float64 on the CPU (reproducible), rounded to dtype, moved once.
-        self._x64 = [torch.randn(problem.n, problem.in_features, generator=gen, dtype=torch.float64)
-                     for _ in range(self.n_buffers)]
-        self._dy64 = ([torch.randn(problem.n, problem.out_features, generator=gen, dtype=torch.float64)
-                       for _ in range(self.n_buffers)] if problem.mode == "fwdbwd" else [])
+        # Inputs are drawn on the CPU (reproducible), rounded to the dtype once, then moved.
+        src = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self._x = [torch.randn(problem.n, problem.in_features, generator=gen, dtype=src).to(self.dtype)
+                   for _ in range(self.n_buffers)]
+        self._dy = ([torch.randn(problem.n, problem.out_features, generator=gen, dtype=src).to(self.dtype)
+                     for _ in range(self.n_buffers)] if problem.mode == "fwdbwd" else [])
         self._inputs: Dict = {}
         self._oracle: Optional[Dict[str, torch.Tensor]] = None
 
@@ -139,8 +140,8 @@ class Workload:
         """``(xs, dys)`` rotating buffers in ``dtype`` on the device (xs require grad for fwdbwd)."""
         if dtype not in self._inputs:
             grad = self.problem.mode == "fwdbwd"
-            xs = [x.to(dtype).to(self.device).requires_grad_(grad) for x in self._x64]
-            dys = [dy.to(dtype).to(self.device) for dy in self._dy64]
+            xs = [x.detach().to(dtype).to(self.device).requires_grad_(grad) for x in self._x]
+            dys = [dy.to(dtype).to(self.device) for dy in self._dy]
             self._inputs[dtype] = (xs, dys)
         return self._inputs[dtype]
 
@@ -154,7 +155,7 @@ class Workload:
         """float64 results on buffer 0 (inputs rounded to the problem dtype): y, and dx, dW*, db*."""
         if self._oracle is None:
             p = self.problem
-            x = self._x64[0].to(self.dtype).to(torch.float64).to(self.device)
+            x = self._x[0].detach().to(torch.float64).to(self.device)
             ws = [w.clone() for w in self.weights64]
             bs = [b.clone() if b is not None else None for b in self.biases64]
             if p.mode == "fwd":
@@ -163,7 +164,7 @@ class Workload:
             else:
                 leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws] + [b.requires_grad_() for b in bs if b is not None]
                 y = dense_forward(p, x, ws, bs)
-                dy = self._dy64[0].to(self.dtype).to(torch.float64).to(self.device)
+                dy = self._dy[0].to(torch.float64).to(self.device)
                 grads = torch.autograd.grad(y, leaves, dy)
                 out = {"y": y.detach(), "dx": grads[0]}
                 for i, (g, m) in enumerate(zip(grads[1:1 + len(ws)], self.masks)):
