@@ -34,3 +34,37 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info sparseadapter_kernels/_C*.so
+
+# ---- CUDA kernels (csrc/cuda): compile checks that need nvcc but no GPU and no CUDA torch -------
+# check-cuda:     compile every .cu for sm_80 and sm_90 (compile-only, into build/check-cuda):
+#                 the torch-free harness that instantiates every kernel template, and the torch
+#                 binding against the venv's torch headers (a CPU wheel gets a stand-in header).
+# check-cuda-emu: build and run every kernel on the host SIMT emulator against a float64 reference.
+.PHONY: check-cuda check-cuda-emu
+NVCC       ?= nvcc
+CUDA_HOME  ?= $(firstword $(wildcard /usr/local/cuda) $(patsubst %/bin/nvcc,%,$(realpath $(shell command -v $(NVCC)))))
+CUDA_GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NVCC_FLAGS := -O3 --expt-relaxed-constexpr -lineinfo $(CUDA_GENCODE)
+CUDA_HEADERS := $(wildcard csrc/cuda/kernels/*.cuh)
+CHECK_CUDA := build/check-cuda
+
+$(CHECK_CUDA)/instantiate.o: csrc/cuda/check/instantiate.cu $(CUDA_HEADERS)
+	@mkdir -p $(CHECK_CUDA)
+	$(NVCC) -std=c++17 $(NVCC_FLAGS) -c $< -o $@
+
+$(CHECK_CUDA)/ops_cuda.o: csrc/cuda/ops_cuda.cu $(CUDA_HEADERS) $(VENV)/.deps
+	@mkdir -p $(CHECK_CUDA)
+	$(NVCC) -std=c++20 $(NVCC_FLAGS) -Xcompiler -fPIC -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
+	  $$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
+	  -Icsrc/cuda/check/shim -diag-suppress 3306 -c $< -o $@
+
+check-cuda: $(CHECK_CUDA)/instantiate.o $(CHECK_CUDA)/ops_cuda.o
+	@echo "check-cuda: every .cu compiles for sm_80 and sm_90 with $$($(NVCC) --version | tail -1)"
+
+$(CHECK_CUDA)/emu_test: csrc/cuda/check/emu_test.cpp csrc/cuda/check/emulator.h $(CUDA_HEADERS)
+	@mkdir -p $(CHECK_CUDA)
+	$(CXX) -std=c++20 -O1 -g -fsanitize=address,undefined -fno-strict-aliasing -DSAK_EMULATE \
+	  -I$(CUDA_HOME)/include -Icsrc/cuda $< -o $@ -lpthread
+
+check-cuda-emu: $(CHECK_CUDA)/emu_test
+	ASAN_OPTIONS=detect_leaks=0 timeout 1200 $(CHECK_CUDA)/emu_test
