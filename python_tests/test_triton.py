@@ -54,6 +54,11 @@ def assert_2x_torch(actual, lowp, oracle, dtype, what=""):
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (PyTorch {dtype}: {_err(lowp, oracle):.3e})"
 
 
+def RUNS(dtype):
+    """(name, dtype, backend): the kernel, PyTorch in the same dtype, and the float64 oracle."""
+    return (("kernel", dtype, "triton"), ("lowp", dtype, "reference"), ("oracle", torch.float64, "reference"))
+
+
 def _leaves(*ts):
     return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
 
@@ -70,7 +75,7 @@ def check_linear(n, shape, block, sparsity, dtype, device=DEVICE, lead=None, **m
     bias = torch.randn(shape[0], dtype=dtype, device=device)
     g = torch.randn(*x.shape[:-1], shape[0], dtype=dtype, device=device)
     results = {}
-    for name, dt, be in (("kernel", dtype, "triton"), ("lowp", dtype, "reference"), ("oracle", torch.float64, "reference")):
+    for name, dt, be in RUNS(dtype):
         xl, vl, bl = _leaves(x.to(dt), w.values.to(dt), bias.to(dt))
         y = sak.ops.sparse_linear(xl, w.to(dt).with_values(vl), bl, backend=be)
         results[name] = [y] + _grads(y, [xl, vl, bl], g.to(dt))
@@ -90,7 +95,7 @@ def check_adapter(n, d, r, down_block, up_block, sparsity, dtype, act="gelu", bi
     resid = torch.randn(n, d_out, dtype=dtype, device=device) if res else None
     g = torch.randn(n, d_out, dtype=dtype, device=device)
     results = {}
-    for name, dt, be in (("kernel", dtype, "triton"), ("lowp", dtype, "reference"), ("oracle", torch.float64, "reference")):
+    for name, dt, be in RUNS(dtype):
         cast = (lambda t: None if t is None else t.to(dt))
         leaves = _leaves(x.to(dt), down.values.to(dt), up.values.to(dt), cast(db), cast(ub), cast(resid))
         xl, dvl, uvl, dbl, ubl, rl = leaves
@@ -149,8 +154,8 @@ def test_linear_empty_block_rows_and_cols():
 
 @interpret
 def test_linear_all_pruned_and_empty_batch():
-    w = sak.SparseWeight.from_dense(torch.randn(32, 48, device=DEVICE), torch.zeros(32, 48, dtype=torch.bool, device=DEVICE),
-                                    layout="bsr", block_size=(16, 16))
+    none = torch.zeros(32, 48, dtype=torch.bool, device=DEVICE)
+    w = sak.SparseWeight.from_dense(torch.randn(32, 48, device=DEVICE), none, layout="bsr", block_size=(16, 16))
     x = torch.randn(5, 48, device=DEVICE, requires_grad=True)
     vals = w.values.clone().requires_grad_(True)
     y = sak.ops.sparse_linear(x, w.with_values(vals), backend="triton")
@@ -192,16 +197,26 @@ def test_adapter_activations(act):
     check_adapter(37, 64, 32, (16, 16), (16, 32), 0.5, torch.float32, act=act)
 
 
+@pytest.fixture(params=["atomic", "sddmm"])
+def wgrad(request, monkeypatch):
+    """Both ways of reducing the weight gradients of the fused backward (atomics in the kernel, or the
+    split SDDMM kernels afterwards)."""
+    from sparseadapter_kernels.triton import fused_adapter
+
+    monkeypatch.setattr(fused_adapter, "WGRAD_MODE", request.param)
+    return request.param
+
+
 @interpret
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias,res", [(True, True), (False, False), (True, False)])
-def test_adapter_dtypes(dtype, bias, res):
+def test_adapter_dtypes(dtype, bias, res, wgrad):
     check_adapter(29, 64, 32, (16, 32), (32, 16), 0.5, dtype, act="gelu", bias=bias, res=res)
 
 
 @interpret
 @pytest.mark.parametrize("sparsity", [0.0, 0.95, 1.0])
-def test_adapter_sparsity_extremes(sparsity):
+def test_adapter_sparsity_extremes(sparsity, wgrad):
     # 0.95 leaves whole block rows/columns empty; 1.0 prunes everything (out = residual + scale * up_bias)
     check_adapter(21, 64, 32, (16, 16), (16, 16), sparsity, torch.float32, act="silu")
 
@@ -217,7 +232,7 @@ def test_adapter_block_shapes(down_block, up_block):
 @interpret
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r,bias", [(32, True), (128, True), (64, False)])
-def test_dense_adapter(dtype, r, bias):
+def test_dense_adapter(dtype, r, bias, wgrad):
     # r = 32 with bias: up-bias gradient inside the main loop; r = 128: the separate column-sum pass
     check_adapter(33, 64, r, (16, 16), (16, 16), 0.0, dtype, act="gelu", bias=bias, dense=True)
 
@@ -280,9 +295,10 @@ def test_opcheck_small():
                                  w.t_row_indices, w.t_perm)),
         (ops.triton_bsr_mm, (dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm)),
         (ops.triton_bsr_sddmm, (dy, x.detach(), w.row_indices, w.col_indices, 16, 16)),
-        (ops.triton_fused_adapter, (x, res, dv, down.crow_indices, down.col_indices, down.t_crow_indices,
-                                    down.t_row_indices, down.t_perm, db, uv, up.crow_indices, up.col_indices,
-                                    up.t_crow_indices, up.t_row_indices, up.t_perm, ub, "gelu", 0.5)),
+        (ops.triton_fused_adapter, (x, res, dv, down.crow_indices, down.col_indices, down.row_indices,
+                                    down.t_crow_indices, down.t_row_indices, down.t_perm, db, uv, up.crow_indices,
+                                    up.col_indices, up.row_indices, up.t_crow_indices, up.t_row_indices, up.t_perm,
+                                    ub, "gelu", 0.5)),
         (ops.triton_dense_adapter, (x, None, down.to_dense().requires_grad_(True), None,
                                     up.to_dense().requires_grad_(True), ub, "relu", 1.5)),
     ]
@@ -335,7 +351,7 @@ def test_gpu_linear_full(dtype, block, sparsity):
     (64, (32, 32), (32, 32), 0.8), (64, (16, 16), (16, 16), 0.5), (64, (64, 64), (64, 64), 0.0),
     (256, (32, 64), (64, 32), 0.75), (512, (64, 64), (64, 64), 0.875), (512, (128, 128), (128, 128), 0.875)])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_gpu_adapter_full(dtype, r, down_block, up_block, sparsity, act):
+def test_gpu_adapter_full(dtype, r, down_block, up_block, sparsity, act, wgrad):
     check_adapter(4096 + 7, 768, r, down_block, up_block, sparsity, dtype, act=act, device="cuda")
 
 
@@ -343,7 +359,7 @@ def test_gpu_adapter_full(dtype, r, down_block, up_block, sparsity, act):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r", [64, 256])
-def test_gpu_dense_adapter_full(dtype, r):
+def test_gpu_dense_adapter_full(dtype, r, wgrad):
     check_adapter(4096 + 7, 768, r, (16, 16), (16, 16), 0.0, dtype, act="silu", dense=True, device="cuda")
 
 
@@ -365,9 +381,10 @@ def test_gpu_opcheck_full():
                                  w.t_row_indices, w.t_perm)),
         (ops.triton_bsr_mm, (dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm)),
         (ops.triton_bsr_sddmm, (dy, x.detach(), w.row_indices, w.col_indices, 32, 32)),
-        (ops.triton_fused_adapter, (x, x, dv, down.crow_indices, down.col_indices, down.t_crow_indices,
-                                    down.t_row_indices, down.t_perm, db, uv, up.crow_indices, up.col_indices,
-                                    up.t_crow_indices, up.t_row_indices, up.t_perm, ub, "gelu", 0.5)),
+        (ops.triton_fused_adapter, (x, x, dv, down.crow_indices, down.col_indices, down.row_indices,
+                                    down.t_crow_indices, down.t_row_indices, down.t_perm, db, uv, up.crow_indices,
+                                    up.col_indices, up.row_indices, up.t_crow_indices, up.t_row_indices, up.t_perm,
+                                    ub, "gelu", 0.5)),
         (ops.triton_dense_adapter, (x, None, down.to_dense().requires_grad_(True), db,
                                     up.to_dense().requires_grad_(True), None, "relu", 1.0)),
     ]

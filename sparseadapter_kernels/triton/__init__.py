@@ -126,9 +126,10 @@ def sparse_adapter(x: torch.Tensor, down, up, down_bias: Optional[torch.Tensor] 
     _check_weight("up", up)
     out, _ = torch.ops.sparseadapter_kernels.triton_fused_adapter(
         x.contiguous(), None if residual is None else residual.contiguous(),
-        down.values, down.crow_indices, down.col_indices, down.t_crow_indices, down.t_row_indices, down.t_perm,
-        down_bias, up.values, up.crow_indices, up.col_indices, up.t_crow_indices, up.t_row_indices, up.t_perm,
-        up_bias, {"swish": "silu"}.get(activation, activation), float(scale))
+        down.values, down.crow_indices, down.col_indices, down.row_indices, down.t_crow_indices,
+        down.t_row_indices, down.t_perm, down_bias, up.values, up.crow_indices, up.col_indices, up.row_indices,
+        up.t_crow_indices, up.t_row_indices, up.t_perm, up_bias, {"swish": "silu"}.get(activation, activation),
+        float(scale))
     return out
 
 
@@ -145,7 +146,8 @@ def dense_adapter(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.T
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor, got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
         if any(s % 16 for s in t.shape):
-            raise ValueError(f"{name}: the Triton kernels need dimensions that are multiples of 16, got {tuple(t.shape)}")
+            raise ValueError(f"{name}: the Triton kernels need dimensions that are multiples of 16, "
+                             f"got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
     if x.dtype not in DTYPES:

@@ -35,7 +35,7 @@ SDDMM_WAVES = 4                  # aim for this many programs per multiprocessor
 # ---------------------------------------------------------------------------------------------
 @triton.autotune(configs=configs(MM_CONFIGS), key=["N_BUCKET", "K", "M", "BH", "BW", "TRANS"])
 @triton.jit
-def _bsr_mm_kernel(X, V, CROW, COL, PERM, Y, N, K, M, stride_x, stride_y, N_BUCKET,
+def _bsr_mm_kernel(X, V, CROW, COL, PERM, Y, N, K, M, N_BLOCK_ROWS, stride_x, stride_y, N_BUCKET,
                    BH: tl.constexpr, BW: tl.constexpr, TRANS: tl.constexpr, OUT_B: tl.constexpr,
                    RED_B: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
     """``Y[N, M] = X[N, K] @ A.T`` for a block-sparse A.
@@ -44,8 +44,11 @@ def _bsr_mm_kernel(X, V, CROW, COL, PERM, Y, N, K, M, stride_x, stride_y, N_BUCK
     TRANS=True:  A = W.T through (t_crow, t_row, t_perm): block k is ``V[PERM[k]].T``, OUT_B = BW,
     RED_B = BH. Program (block row of A, token tile); empty block rows write zeros.
     """
-    pid_r = tl.program_id(0)  # block row of A: fastest axis, so programs sharing an x tile run together
-    pid_n = tl.program_id(1)
+    # one flat grid axis (the y axis is capped at 65535): block row of A fastest, so the programs that
+    # share an x tile run together and find it in L2
+    pid = tl.program_id(0)
+    pid_r = pid % N_BLOCK_ROWS
+    pid_n = pid // N_BLOCK_ROWS
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -121,18 +124,18 @@ def bsr_mm(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
         return y
     values = values.contiguous()
     v = nonempty(values, x)
-    grid = lambda meta: (n_block_rows, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (n_block_rows * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     torch.library.wrap_triton(_bsr_mm_kernel)[grid](
         x, v, crow, nonempty(col, crow), nonempty(perm, crow) if trans else crow, y,
-        n, k_dim, m, x.stride(0), y.stride(0), n_bucket(n),
+        n, k_dim, m, n_block_rows, x.stride(0), y.stride(0), n_bucket(n),
         BH=bh, BW=bw, TRANS=trans, OUT_B=out_b, RED_B=bh if trans else bw, PREC=dot_precision(x.dtype),
         UPCAST=upcast_dot(x.dtype))
     return y
 
 
 def bsr_sddmm(dy: torch.Tensor, x: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-              block_h: int, block_w: int) -> torch.Tensor:
-    """``(dy.T @ x)`` at the stored blocks -> ``[nblocks, block_h, block_w]`` in dy's dtype."""
+              block_h: int, block_w: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale * (dy.T @ x)`` at the stored blocks -> ``[nblocks, block_h, block_w]`` in dy's dtype."""
     n = dy.shape[0]
     nblocks = col.shape[0]
     if nblocks == 0 or n == 0:
@@ -149,6 +152,8 @@ def bsr_sddmm(dy: torch.Tensor, x: torch.Tensor, row: torch.Tensor, col: torch.T
         dy, x, row, col, partial, n, nblocks, rows_per_split, dy.stride(0), x.stride(0), n_bucket(n), split,
         BH=block_h, BW=block_w, PREC=dot_precision(dy.dtype), UPCAST=upcast_dot(dy.dtype))
     out = partial[0] if split == 1 else partial.sum(0)
+    if scale != 1.0:
+        out = out * scale
     return out.to(dy.dtype)
 
 
