@@ -95,11 +95,19 @@ def collate(items, pad_id=0):
     return dict(input_ids=input_ids, attention_mask=mask, labels=torch.tensor([y for _, y in items]))
 
 
-def batches_of(items, batch_size, rng=None):
+def batches_of(items, batch_size, rng=None, bucket=8):
+    """Batches in order (rng None) or shuffled with length bucketing: within each run of ``bucket`` batches
+    the examples are sorted by length (less padding, so cheaper steps), then the batches are shuffled."""
     order = list(range(len(items)))
     if rng is not None:
         rng.shuffle(order)
-    return [collate([items[i] for i in order[k:k + batch_size]]) for k in range(0, len(order), batch_size)]
+        span = batch_size * bucket
+        order = [i for k in range(0, len(order), span)
+                 for i in sorted(order[k:k + span], key=lambda j: len(items[j][0]))]
+    groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    return [collate([items[i] for i in g]) for g in groups]
 
 
 @torch.no_grad()
@@ -151,7 +159,10 @@ def run_one(name, kw, seed, args, train, dev_batches, path, tqdm):
             sched.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        epoch_acc.append(accuracy(model, dev_batches))
+        if args.eval_every_epoch or len(epoch_acc) == args.epochs - 1:
+            epoch_acc.append(accuracy(model, dev_batches))
+        else:
+            epoch_acc.append(None)
     train_s = time.perf_counter() - t0
     bar.close()
     with tempfile.TemporaryDirectory() as d:
@@ -307,6 +318,7 @@ def main(argv=None):
     p.add_argument("--timing-reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--eval-every-epoch", action="store_true", help="dev accuracy after every epoch (default: last)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sst2_minilm"),
                    help="output prefix: writes <out>.json and <out>.md")
     args = p.parse_args(argv)
