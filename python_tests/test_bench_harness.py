@@ -13,7 +13,7 @@ from sparseadapter_kernels.bench import __main__ as bench_main
 from sparseadapter_kernels.bench import harness, report
 from sparseadapter_kernels.bench.impls import Built, SparseOps, backend_skip_reason, build_impls, discover_backends
 from sparseadapter_kernels.bench.shapes import Problem, SweepConfig
-from sparseadapter_kernels.bench.timing import measure
+from sparseadapter_kernels.bench.timing import measure, measure_many
 from sparseadapter_kernels.bench.workload import Workload
 
 TINY = (64, 64, 32)
@@ -210,6 +210,15 @@ def test_measure_cycles_buffers_and_respects_bounds():
     assert t.repeats == 7 and len(seen) == 8
     assert set(seen) == {0, 1, 2}
     assert t.min_s <= t.median_s
+
+
+def test_measure_many_interleaves_implementations():
+    calls = []
+    steps = [(lambda i, k=k: calls.append(k), 2) for k in "ABC"]
+    timings = measure_many(steps, "cpu", warmup=1, repeats=3, min_repeats=3, max_time=10.0)
+    assert [t.repeats for t in timings] == [3, 3, 3]
+    assert calls[:3] == ["A", "B", "C"]              # warm-up, one each
+    assert "".join(calls[3:]) == "ABCABCABC"         # timed round-robin
 
 
 def test_compare_reports_ratio(tmp_path):

@@ -16,7 +16,7 @@ import torch
 
 from .impls import BEST_DENSE_CANDIDATES, Built, Impl, NotApplicable, TorchDense, build_impls
 from .shapes import Problem, SweepConfig, all_problems
-from .timing import Timing, measure
+from .timing import Timing, measure_many
 from .workload import TOLERANCE, Workload, compare, dtype_name
 
 
@@ -63,26 +63,33 @@ class Measurement:
     tol: float = float("nan")
     worst_output: str = ""
     timing: Optional[Timing] = None
-    timing_shared: bool = False   # timing reused from an identical dense problem (dense ignores the mask)
     sparse_weights: bool = True
     flops: int = 0
     bytes: int = 0
+    built: Optional[Built] = dataclasses.field(default=None, repr=False)
+    workload: Optional[Workload] = dataclasses.field(default=None, repr=False)
 
 
 class Runner:
-    """Runs a sweep; ``events`` is the ordered log of ``("verify" | "time", problem label, impl)``."""
+    """Runs a sweep; ``events`` is the ordered log of ``("verify" | "time", problem label, impl)``.
+
+    Per problem, every implementation is first verified against the oracle; then all verified ones
+    are timed together, interleaved (see :func:`~.timing.measure_many`), so each row's ratios are
+    measured under the same conditions.
+    """
 
     def __init__(self, cfg: SweepConfig, impls: Optional[List[Impl]] = None, progress: Optional[bool] = None):
         self.cfg = cfg
         self.impls = impls if impls is not None else build_impls(cfg.backends, cfg.torch_sparse)
         self.progress = progress
         self.events: List[Tuple[str, str, str]] = []
-        self._dense_cache: Dict[Tuple, Measurement] = {}
 
-    # ------------------------------------------------------------------ one implementation
-    def measure_impl(self, impl: Impl, wl: Workload, label: Optional[str] = None,
-                     cache_key: Optional[Tuple] = None) -> Measurement:
-        p = wl.problem
+    # ------------------------------------------------------------------ verification
+    def verify(self, impl: Impl, wl: Workload, label: Optional[str] = None,
+               row_of: Optional[Problem] = None) -> Measurement:
+        """Build ``impl`` for the workload, run it once and compare with the oracle (``row_of``: the
+        problem whose row this is, when the workload is another one, as for Large-Sparse's dense r0)."""
+        p = row_of or wl.problem
         name = label or impl.name
         dtype = impl.dtype(wl)
         m = Measurement(name, impl.kind, dtype_name(dtype), sparse_weights=impl.sparse_weights,
@@ -104,54 +111,60 @@ class Runner:
             m.status = "wrong"
             m.reason = f"{m.worst_output}: max relative error {m.max_rel_err:.3g} > tolerance {m.tol:.0e}"
             return m
-        m.verified = True
-        if cache_key is not None and cache_key in self._dense_cache:
-            m.timing, m.timing_shared = self._dense_cache[cache_key].timing, True
-            return m
-        try:
-            step = make_step(built, wl)
-            self.events.append(("time", p.label(), name))
-            cfg = self.cfg
-            m.timing = measure(step, wl.n_buffers, p.device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_time)
-        except Exception as exc:
-            m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
-            return m
-        if cache_key is not None:
-            self._dense_cache[cache_key] = m
+        m.verified, m.built, m.workload = True, built, wl
         return m
 
-    @staticmethod
-    def _dense_key(p: Problem, dtype: str) -> Tuple:
-        return (p.op, p.mode, p.n, p.d, p.r, dtype, p.activation, p.scale, p.device)
+    # ------------------------------------------------------------------ timing
+    def time_verified(self, p: Problem, ms: List[Measurement]) -> None:
+        """Time every verified measurement of a problem together (interleaved)."""
+        todo = [m for m in ms if m.status == "ok" and m.verified and m.timing is None]
+        steps = []
+        for m in list(todo):
+            try:
+                steps.append((make_step(m.built, m.workload), m.workload.n_buffers))
+            except Exception as exc:
+                m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
+                todo.remove(m)
+        for m in todo:
+            self.events.append(("time", p.label(), m.impl))
+        cfg = self.cfg
+        try:
+            timings = measure_many(steps, p.device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_time)
+        except Exception as exc:
+            for m in todo:
+                m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
+            return
+        for m, t in zip(todo, timings):
+            m.timing = t
 
     # ------------------------------------------------------------------ one problem
-    def run_problem(self, p: Problem, tick=lambda: None) -> List[dict]:
+    def run_problem(self, p: Problem, tick=lambda n=1: None) -> List[dict]:
         wl = Workload(p, seed=self.cfg.seed, buffers=self.cfg.buffers)
-        results: List[Measurement] = []
-        for impl in self.impls:
-            key = self._dense_key(p, dtype_name(impl.dtype(wl))) if isinstance(impl, TorchDense) else None
-            results.append(self.measure_impl(impl, wl, cache_key=key))
-            tick()
-        # The fastest dense option on this device (same masked weights, other dtypes).
-        cands = []
-        for dt in dict.fromkeys([p.dtype, *BEST_DENSE_CANDIDATES.get(p.device.split(":")[0], ())]):
-            cands.append(self.measure_impl(TorchDense(dt), wl, label="torch-dense-best",
-                                           cache_key=self._dense_key(p, dt)))
-            wl.free_inputs(keep=wl.dtype)
-        ok = [c for c in cands if c.status == "ok" and c.timing is not None]
-        best = min(ok, key=lambda c: c.timing.median_s) if ok else cands[0]
-        results.append(best)
-        tick()
+        results: List[Measurement] = [self.verify(impl, wl) for impl in self.impls]
+        # The fastest dense option on this device: the same masked weights in other dtypes (the
+        # problem's own dtype is the torch-dense row itself).
+        dense = next((m for m in results if m.impl == "torch-dense"), None)
+        cands = [self.verify(TorchDense(dt), wl, label="torch-dense-best")
+                 for dt in BEST_DENSE_CANDIDATES.get(p.device.split(":")[0], ()) if dt != p.dtype]
+        extra: List[Measurement] = []
         if p.k > 1 and p.r0:
             # Large-Sparse: the dense adapter of bottleneck r0 (same nonzeros) is the target to match.
             small = dataclasses.replace(p, r=p.r0, sparsity=0.0, k=1, r0=0)
             swl = Workload(small, seed=self.cfg.seed, buffers=self.cfg.buffers)
-            results.append(self.measure_impl(TorchDense(), swl, label=f"torch-dense r={p.r0}",
-                                             cache_key=self._dense_key(small, p.dtype)))
-            del swl
-            tick()
+            extra.append(self.verify(TorchDense(), swl, label=f"torch-dense r={p.r0}", row_of=p))
+        self.time_verified(p, results + cands + extra)
+        pool = [m for m in cands + ([dense] if dense else []) if m.status == "ok" and m.timing is not None]
+        if pool:
+            best = dataclasses.replace(min(pool, key=lambda m: m.timing.median_s), impl="torch-dense-best")
+        else:
+            best = cands[0] if cands else Measurement("torch-dense-best", "baseline", p.dtype, status="n/a",
+                                                      reason="no dense timing")
+        results.append(best)
+        results += extra
+        for m in results + cands:
+            m.built = m.workload = None
         rows = self._rows(p, wl, results)
-        del wl
+        tick(len(self.impls) + 1 + len(extra))
         return rows
 
     def _rows(self, p: Problem, wl: Workload, results: List[Measurement]) -> List[dict]:
@@ -164,8 +177,7 @@ class Runner:
         for m in results:
             row = dict(base)
             row.update(impl=m.impl, kind=m.kind, impl_dtype=m.impl_dtype, status=m.status, reason=m.reason,
-                       verified=m.verified, max_rel_err=m.max_rel_err, tol=m.tol, flops=m.flops, bytes=m.bytes,
-                       timing_shared=m.timing_shared)
+                       verified=m.verified, max_rel_err=m.max_rel_err, tol=m.tol, flops=m.flops, bytes=m.bytes)
             t = m.timing
             if t is not None and m.status == "ok":
                 row.update(median_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, q1_ms=t.q1_s * 1e3,
@@ -195,7 +207,7 @@ class Runner:
             for p in problems:
                 bar.set_description(f"{p.suite} {p.op} {p.mode} {p.layout} s={p.sparsity:g}"
                                     + (f" N={p.n}" if p.suite == "tokens" else f" k={p.k}" if p.k > 1 else ""))
-                rows += self.run_problem(p, tick=lambda: bar.update(1))
+                rows += self.run_problem(p, tick=bar.update)
         finally:
             bar.close()
         return rows

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 CSV_COLUMNS = ("suite", "op", "mode", "layout", "block_size", "dtype", "device", "n", "d", "r", "k", "r0",
                "activation", "sparsity", "actual_sparsity", "nnz", "numel", "impl", "kind", "impl_dtype",
                "status", "verified", "max_rel_err", "tol", "median_ms", "min_ms", "q1_ms", "q3_ms", "repeats",
-               "timing_shared", "speedup", "speedup_vs_best", "ideal_speedup", "gflops", "gbps", "flops",
+               "speedup", "speedup_vs_best", "ideal_speedup", "gflops", "gbps", "flops",
                "bytes", "reason")
 KEY_FIELDS = ("suite", "op", "mode", "layout", "block_size", "dtype", "device", "n", "d", "r", "k", "sparsity", "impl")
 
@@ -80,7 +80,7 @@ def _first_col(row: dict) -> Tuple[str, str]:
 
 def _check(row: dict) -> str:
     if row["status"] == "ok":
-        return f"ok {row['max_rel_err']:.1e}" + (" (shared)" if row.get("timing_shared") else "")
+        return f"ok {row['max_rel_err']:.1e}"
     if row["status"] == "wrong":
         return "WRONG: " + row["reason"]
     return "n/a: " + row["reason"][:70]

@@ -5,7 +5,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -28,47 +28,63 @@ class Timing:
         return cls(statistics.median(s), s[0], q1, q3, len(s))
 
 
-def measure(step: Callable[[int], object], n_buffers: int, device: str, warmup: int = 2, repeats: int = 50,
-            min_repeats: int = 5, max_time: float = 0.3) -> Timing:
-    """Time ``step(i)`` (``i`` = which input buffer) and return the median of the calls.
+def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: str, warmup: int = 2,
+                 repeats: int = 50, min_repeats: int = 5, max_time: float = 0.3) -> List[Timing]:
+    """Time several implementations of one problem *interleaved*; one :class:`Timing` per step.
 
-    ``warmup`` untimed calls (at least one) estimate the cost of a call; then
-    ``clamp(max_time / cost, min_repeats, repeats)`` timed calls run, cycling through the
-    ``n_buffers`` input buffers so no call finds its inputs hot from the previous one. The garbage
-    collector is off while timing. On CUDA each call is bracketed by CUDA events.
+    ``steps`` are ``(step, n_buffers)``: ``step(i)`` runs one call on input buffer ``i``. Each step
+    first gets ``warmup`` untimed calls (at least one), which also estimate its cost; it is then timed
+    ``clamp(max_time / cost, min_repeats, repeats)`` times, cycling through its input buffers so no
+    call finds its inputs hot from the previous one. The timed calls run round-robin (A B C A B C
+    ...), so a burst of load from elsewhere on the machine hits every implementation of the row
+    alike instead of skewing one ratio. The garbage collector is off while timing. On CUDA every call
+    is bracketed by CUDA events.
     """
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    costs = []
-    sync()
-    for i in range(max(1, warmup)):
-        t0 = time.perf_counter()
-        step(i % n_buffers)
-        sync()
-        costs.append(time.perf_counter() - t0)
-    cost = max(min(costs), 1e-7)
-    n = int(max(min_repeats, min(repeats, max_time / cost)))
-    n = max(1, n)
+    counts = []
     offset = max(1, warmup)
+    for step, n_buffers in steps:
+        costs = []
+        sync()
+        for i in range(offset):
+            t0 = time.perf_counter()
+            step(i % n_buffers)
+            sync()
+            costs.append(time.perf_counter() - t0)
+        cost = max(min(costs), 1e-7)
+        counts.append(max(1, int(max(min_repeats, min(repeats, max_time / cost)))))
+    samples: List[List[float]] = [[] for _ in steps]
     gc_was_enabled = gc.isenabled()
     gc.disable()   # (no gc.collect(): a full collection with torch loaded costs 50-500 ms)
-    samples: List[float] = []
     try:
+        events = [] if cuda else None
+        for rnd in range(max(counts, default=0)):
+            for k, (step, n_buffers) in enumerate(steps):
+                if rnd >= counts[k]:
+                    continue
+                j = (offset + rnd) % n_buffers
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step(j)
+                    end.record()
+                    events.append((k, start, end))
+                else:
+                    t0 = time.perf_counter()
+                    step(j)
+                    samples[k].append(time.perf_counter() - t0)
         if cuda:
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-            for i in range(n):
-                starts[i].record()
-                step((offset + i) % n_buffers)
-                ends[i].record()
             torch.cuda.synchronize()
-            samples = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-        else:
-            for i in range(n):
-                t0 = time.perf_counter()
-                step((offset + i) % n_buffers)
-                samples.append(time.perf_counter() - t0)
+            for k, start, end in events:
+                samples[k].append(start.elapsed_time(end) / 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing.from_samples(samples)
+    return [Timing.from_samples(s) for s in samples]
+
+
+def measure(step: Callable[[int], object], n_buffers: int, device: str, warmup: int = 2, repeats: int = 50,
+            min_repeats: int = 5, max_time: float = 0.3) -> Timing:
+    """Time one ``step(i)`` (``i`` = input buffer): :func:`measure_many` with a single step."""
+    return measure_many([(step, n_buffers)], device, warmup, repeats, min_repeats, max_time)[0]
