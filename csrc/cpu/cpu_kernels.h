@@ -28,10 +28,25 @@ struct SparseOperand {
   int64_t nnz() const { return nblocks * bh * bw; }
 };
 
+// The stored entries of a sparse matrix grouped by "rows" for the SDDMM, in either orientation:
+// natural (rows = rows of the matrix, entries index its columns) or transposed (rows = its columns).
+// Entry e of row i has the other feature bcol[e] and lands in out[oidx[e]] (oidx null: out[e]).
+// BSR is expanded to elements. rows_are_x: the rows index x's features (transposed orientation).
+struct EntryRows {
+  const int32_t* rptr = nullptr;  // [rows + 1]
+  const int32_t* bcol = nullptr;  // [nnz]
+  const int32_t* oidx = nullptr;  // [nnz] or null
+  int64_t rows = 0;
+  int64_t nnz = 0;
+  bool rows_are_x = false;
+};
+
 // Tile configuration (tokens per tile); 0 = the kernel's default.
 struct Config {
   int threads = 1;
   int tile = 0;
+  bool prefetch = true;  // software prefetch of the next tile's token rows
+  bool stream = false;   // non-temporal stores of full output lines (outputs much larger than cache)
 };
 
 // y[N, M] = x[N, K] @ A.T          (x, y in `dtype`, row strides ldx, ldy)
@@ -50,7 +65,7 @@ struct SddmmArgs {
   int64_t N, M, K;
   const void* dy; int64_t lddy;
   const void* x; int64_t ldx;
-  SparseOperand A;
+  EntryRows E;
   void* out;
   Config cfg;
 };
@@ -78,8 +93,9 @@ struct FusedBwdArgs {
   const void* grad_out; int64_t ldg;
   const void* x; int64_t ldx;
   const void* hidden; int64_t ldh;
-  SparseOperand down, up;      // forward orientation: structure for the SDDMMs
+  SparseOperand down, up;      // forward orientation (values unused here)
   SparseOperand down_t, up_t;  // transposes with gathered values: dx products
+  EntryRows down_e, up_e;      // the SDDMMs (up_e: rows_are_x means rows index the bottleneck)
   Act act;
   double scale;
   void* grad_x;             // [N, d]

@@ -79,6 +79,11 @@ struct V {
     }
   }
 
+  static constexpr bool HAS_STREAM = true;
+  static SAK_INLINE void stream(float* p, reg v) { _mm256_stream_ps(p, v); }
+  static SAK_INLINE void stream(uint16_t* p, reg v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+  static SAK_INLINE void stream_fence() { _mm_sfence(); }
+
   static SAK_INLINE void transpose(reg r[8]) {
     reg t[8], s[8];
     for (int i = 0; i < 8; i += 2) {

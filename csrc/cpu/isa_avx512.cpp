@@ -76,6 +76,13 @@ struct V {
     else _mm256_mask_storeu_epi16(p, lanes(n), h);
   }
 
+  static constexpr bool HAS_STREAM = true;
+  static SAK_INLINE void stream(float* p, reg v) { _mm512_stream_ps(p, v); }
+  static SAK_INLINE void stream(uint16_t* p, reg v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+  }
+  static SAK_INLINE void stream_fence() { _mm_sfence(); }
+
   // --- 16 x 16 transpose in registers: 4 stages of 16 two-source shuffles
   static SAK_INLINE void transpose(reg r[16]) {
     reg t[16];

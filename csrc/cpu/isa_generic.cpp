@@ -93,6 +93,11 @@ struct VG {
     for (int i = 0; i < W && i < n; i++) to(p + i, v.v[i]);
   }
 
+  static constexpr bool HAS_STREAM = false;
+  template <class S>
+  static inline void stream(S* p, const reg& v) { store_n(p, v, W); }
+  static inline void stream_fence() {}
+
   static inline void transpose(reg r[8]) {
     reg t[8];
     for (int i = 0; i < W; i++) t[i] = r[i];

@@ -26,6 +26,10 @@
 
 typedef uint16_t bf16_t;
 
+#ifndef SAK_BODY_INLINE
+#define SAK_BODY_INLINE inline __attribute__((always_inline))
+#endif
+
 template <class S> struct StorageOf;
 template <> struct StorageOf<float> { static constexpr DType dtype = DType::f32; };
 template <> struct StorageOf<bf16_t> { static constexpr DType dtype = DType::bf16; };
@@ -61,6 +65,52 @@ static inline void split_range(int64_t n, int tid, int nth, int64_t& begin, int6
   begin = n * tid / nth;
   end = n * (tid + 1) / nth;
 }
+
+// Software prefetch (into L2) of the token rows of the next tile, spread over the work of the
+// current one so the memory system always has requests in flight (one core alone reads DRAM at a
+// fraction of the bandwidth the hardware prefetcher gets from a single stream).
+struct Prefetch {
+  struct Region {
+    const char* p;
+    int64_t ld, lines;
+    int rows;
+  };
+  Region reg[3];
+  int nreg = 0, cur = 0, row = 0;
+  int64_t line = 0, per_step = 0;
+  bool done = true;
+  void add(const void* p, int64_t ld_bytes, int rows, int64_t row_bytes) {
+    if (nreg < 3 && p && rows > 0 && row_bytes > 0)
+      reg[nreg++] = Region{static_cast<const char*>(p), ld_bytes, (row_bytes + 63) / 64, rows};
+  }
+  void plan(int64_t steps) {
+    int64_t total = 0;
+    for (int i = 0; i < nreg; i++) total += reg[i].lines * reg[i].rows;
+    per_step = steps > 0 ? (total + steps - 1) / steps : total;
+    cur = row = 0;
+    line = 0;
+    done = total == 0;
+  }
+  inline void step() {
+    if (done) return;
+    for (int64_t n = per_step; n > 0; n--) {
+      __builtin_prefetch(reg[cur].p + row * reg[cur].ld + line * 64, 0, 2);
+      if (++line == reg[cur].lines) {
+        line = 0;
+        if (++row == reg[cur].rows) {
+          row = 0;
+          if (++cur == nreg) {
+            done = true;
+            return;
+          }
+        }
+      }
+    }
+  }
+  inline void finish() {
+    while (!done) step();
+  }
+};
 
 template <class V, int T>
 struct Kern {
@@ -106,7 +156,7 @@ struct Kern {
   // + res[t, m0 + i] (bias, res optional). `chunk` has row stride T.
   template <class S>
   static void store_tile(const A* chunk, int rows, int64_t m0, int nt, S* y, int64_t ldy, const S* bias,
-                         A alpha, const S* res, int64_t ldres) {
+                         A alpha, const S* res, int64_t ldres, bool stream = false) {
     const reg va = V::set1(alpha);
     const bool scale = alpha != A(1);
     reg vb = V::zero();
@@ -122,7 +172,11 @@ struct Kern {
       const int cnt = (int)imin(W, nt - t0);
       S* dst = y + (int64_t)t0 * ldy + m0;
       if (!bias && !scale && !res) {
-        for (int j = 0; j < cnt; j++) V::store_n(dst + j * ldy, r[j], rows);
+        if (stream && rows == W && V::HAS_STREAM) {
+          for (int j = 0; j < cnt; j++) V::stream(dst + j * ldy, r[j]);
+        } else {
+          for (int j = 0; j < cnt; j++) V::store_n(dst + j * ldy, r[j], rows);
+        }
       } else {
         for (int j = 0; j < cnt; j++) {
           reg v = r[j];
@@ -139,8 +193,9 @@ struct Kern {
   // Sparse rows: out[m - m_begin][0:T] = sum_k A[m, k] * inT[k][0:T] for m in [m_begin, m_end)
   // ---------------------------------------------------------------------------------------------
   static void csr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t m_begin, int64_t m_end,
-                       const A* inT, A* out) {
+                       const A* inT, A* out, Prefetch* pf) {
     for (int64_t m = m_begin; m < m_end; m++) {
+      if (pf) pf->step();
       reg a[U], b[U];
       for (int u = 0; u < U; u++) { a[u] = V::zero(); b[u] = V::zero(); }
       int64_t k = crow[m];
@@ -189,9 +244,10 @@ struct Kern {
   }
 
   static void bsr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t bh, int64_t bw,
-                       int64_t m_begin, int64_t m_end, const A* inT, A* out) {
+                       int64_t m_begin, int64_t m_end, const A* inT, A* out, Prefetch* pf) {
     int64_t m = m_begin;
     while (m < m_end) {
+      if (pf) pf->step();
       const int64_t br = m / bh, i0 = m % bh;
       const int64_t R = imin(imin(RMAX, bh - i0), m_end - m);
       A* o = out + (m - m_begin) * T;
@@ -205,62 +261,68 @@ struct Kern {
     }
   }
 
-  static void rows(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out) {
+  static void rows(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out,
+                   Prefetch* pf = nullptr) {
     const A* vals = static_cast<const A*>(S.values);
     if (S.bh == 1 && S.bw == 1)
-      csr_rows(vals, S.crow, S.col, m_begin, m_end, inT, out);
+      csr_rows(vals, S.crow, S.col, m_begin, m_end, inT, out, pf);
     else
-      bsr_rows(vals, S.crow, S.col, S.bh, S.bw, m_begin, m_end, inT, out);
+      bsr_rows(vals, S.crow, S.col, S.bh, S.bw, m_begin, m_end, inT, out, pf);
   }
 
   // All output rows of S applied to inT, W rows at a time, stored token-major through store_tile.
   template <class Sto>
   static void rows_to_tokens(const SparseOperand& S, const A* inT, A* chunk, int nt, Sto* y, int64_t ldy,
-                             const Sto* bias, A alpha, const Sto* res, int64_t ldres) {
+                             const Sto* bias, A alpha, const Sto* res, int64_t ldres, Prefetch* pf,
+                             bool stream = false) {
     const int64_t M = S.rows();
+    // streaming stores need every stored vector to be a whole, aligned cache line
+    stream = stream && (reinterpret_cast<uintptr_t>(y) % 64 == 0) && ((ldy * (int64_t)sizeof(Sto)) % 64 == 0) &&
+             W * sizeof(Sto) >= 32;
     for (int64_t m0 = 0; m0 < M; m0 += W) {
       const int rws = (int)imin(W, M - m0);
-      rows(S, m0, m0 + rws, inT, chunk);
-      store_tile<Sto>(chunk, rws, m0, nt, y, ldy, bias, alpha, res, ldres);
+      rows(S, m0, m0 + rws, inT, chunk, pf);
+      store_tile<Sto>(chunk, rws, m0, nt, y, ldy, bias, alpha, res, ldres, stream);
     }
   }
 
   // ---------------------------------------------------------------------------------------------
-  // SDDMM on a tile: g[e] += sum_t aT[row(e)][t] * bT[col(e)][t] for every stored entry e.
+  // SDDMM on a tile: out[oidx(e)] += sum_t rT[i][t] * eT[bcol(e)][t] for every entry e of every row i.
+  // The row's T values stay in registers; W entries at a time are reduced across lanes with a
+  // transpose-add tree (V::reduce_lanes) and added to the per-thread fp32 partial g.
   // ---------------------------------------------------------------------------------------------
-  static void sddmm_tile(const SparseOperand& S, const A* aT, const A* bT, A* g) {
-    const int64_t bh = S.bh, bw = S.bw, nnz = S.nnz();
-    if (nnz == 0) return;
-    // entry cursor: block b in block row br, element (i, j)
-    int64_t br = 0, b = 0, i = 0, j = 0;
-    while (S.crow[br + 1] <= b) br++;
-    auto next = [&]() {
-      if (++j == bw) {
-        j = 0;
-        if (++i == bh) {
-          i = 0;
-          ++b;
-          while (br < S.block_rows && S.crow[br + 1] <= b) br++;
-        }
-      }
-    };
-    for (int64_t e0 = 0; e0 < nnz; e0 += W) {
-      const int cnt = (int)imin(W, nnz - e0);
-      reg acc[W];
-      for (int q = 0; q < W; q++) {
-        if (q < cnt) {
-          const A* ap = aT + (br * bh + i) * T;
-          const A* bp = bT + ((int64_t)S.col[b] * bw + j) * T;
-          reg s = V::mul(V::load(ap), V::load(bp));
-          for (int u = 1; u < U; u++) s = V::fmadd(V::load(ap + u * W), V::load(bp + u * W), s);
-          acc[q] = s;
-          next();
+  static SAK_BODY_INLINE reg dot_row(const reg* a, const A* p) {
+    reg s = V::mul(a[0], V::load(p));
+    for (int u = 1; u < U; u++) s = V::fmadd(a[u], V::load(p + u * W), s);
+    return s;
+  }
+
+  static void sddmm_rows(const EntryRows& E, const A* rT, const A* eT, A* g, Prefetch* pf) {
+    const int32_t* bcol = E.bcol;
+    for (int64_t i = 0; i < E.rows; i++) {
+      if (pf) pf->step();
+      int64_t e = E.rptr[i];
+      const int64_t end = E.rptr[i + 1];
+      if (e == end) continue;
+      reg a[U];
+      for (int u = 0; u < U; u++) a[u] = V::load(rT + i * T + u * W);
+      for (; e < end; e += W) {
+        const int cnt = (int)imin(W, end - e);
+        reg acc[W];
+        if (cnt == W) {
+          for (int q = 0; q < W; q++) acc[q] = dot_row(a, eT + (int64_t)bcol[e + q] * T);
         } else {
-          acc[q] = V::zero();
+          for (int q = 0; q < W; q++) acc[q] = q < cnt ? dot_row(a, eT + (int64_t)bcol[e + q] * T) : V::zero();
+        }
+        const reg sums = V::reduce_lanes(acc);
+        if (!E.oidx) {
+          V::store_n(g + e, V::add(V::load_n(g + e, cnt), sums), cnt);
+        } else {
+          A tmp[W];
+          V::storeu(tmp, sums);
+          for (int q = 0; q < cnt; q++) g[E.oidx[e + q]] += tmp[q];
         }
       }
-      const reg sums = V::reduce_lanes(acc);
-      V::store_n(g + e0, V::add(V::load_n(g + e0, cnt), sums), cnt);
     }
   }
 
@@ -322,16 +384,22 @@ struct Kern {
         for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
+          Prefetch pf;
+          if (a.cfg.prefetch && t + 1 < te)
+            pf.add(x + (n0 + T) * a.ldx, a.ldx * (int64_t)sizeof(S), (int)imin(T, a.N - n0 - T), a.K * (int64_t)sizeof(S));
+          pf.plan(a.A.rows());
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
-          rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0);
+          rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0, &pf,
+                            a.cfg.stream);
         }
+        if (a.cfg.stream) V::stream_fence();
       }
     }
   }
 
   template <class S>
   static void sddmm(const SddmmArgs& a) {
-    const int64_t nnz = a.A.nnz();
+    const int64_t nnz = a.E.nnz;
     const int64_t ntiles = (a.N + T - 1) / T;
     const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
     const S* dy = static_cast<const S*>(a.dy);
@@ -351,9 +419,19 @@ struct Kern {
         for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
+          Prefetch pf;
+          if (a.cfg.prefetch && t + 1 < te) {
+            const int nn = (int)imin(T, a.N - n0 - T);
+            pf.add(dy + (n0 + T) * a.lddy, a.lddy * (int64_t)sizeof(S), nn, a.M * (int64_t)sizeof(S));
+            pf.add(x + (n0 + T) * a.ldx, a.ldx * (int64_t)sizeof(S), nn, a.K * (int64_t)sizeof(S));
+          }
+          pf.plan(a.E.rows);
           load_tile<S>(dy + n0 * a.lddy, a.lddy, nt, a.M, dyT, A(1), false);
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
-          sddmm_tile(a.A, dyT, xT, g);
+          if (a.E.rows_are_x)
+            sddmm_rows(a.E, xT, dyT, g, &pf);
+          else
+            sddmm_rows(a.E, dyT, xT, g, &pf);
         }
       }
     }
@@ -398,8 +476,15 @@ struct Kern {
         for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
+          Prefetch pf;
+          if (a.cfg.prefetch && t + 1 < te) {
+            const int nn = (int)imin(T, a.N - n0 - T);
+            pf.add(x + (n0 + T) * a.ldx, a.ldx * (int64_t)sizeof(S), nn, a.d * (int64_t)sizeof(S));
+            if (res) pf.add(res + (n0 + T) * a.ldres, a.ldres * (int64_t)sizeof(S), nn, a.d_out * (int64_t)sizeof(S));
+          }
+          pf.plan(a.r + a.d_out);
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
-          rows(a.down, 0, a.r, xT, hT);
+          rows(a.down, 0, a.r, xT, hT, &pf);
           if (bd) {
             for (int64_t j = 0; j < a.r; j++) {
               A bj = load_scalar(bd + j);
@@ -412,7 +497,7 @@ struct Kern {
                           nullptr, 0);
           act_fwd(hT, aT, a.r * T, a.act);
           rows_to_tokens<S>(a.up, aT, chunk, nt, out + n0 * a.d_out, a.d_out, bu, (A)a.scale,
-                            res ? res + n0 * a.ldres : nullptr, a.ldres);
+                            res ? res + n0 * a.ldres : nullptr, a.ldres, &pf);
         }
       }
     }
@@ -425,7 +510,7 @@ struct Kern {
     const S* go = static_cast<const S*>(a.grad_out);
     const S* x = static_cast<const S*>(a.x);
     const S* hid = static_cast<const S*>(a.hidden);
-    const int64_t nnz_d = a.down.nnz(), nnz_u = a.up.nnz();
+    const int64_t nnz_d = a.down_e.nnz, nnz_u = a.up_e.nnz;
     const int64_t rpad = (a.r + W - 1) / W * W;
     // per-thread partials: grad_down_values | grad_up_values | up-bias lane sums [d_out][W] |
     // down-bias lane sums [r][W]
@@ -452,18 +537,32 @@ struct Kern {
         for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
+          Prefetch pf;
+          if (a.cfg.prefetch && t + 1 < te) {
+            const int nn = (int)imin(T, a.N - n0 - T);
+            pf.add(go + (n0 + T) * a.ldg, a.ldg * (int64_t)sizeof(S), nn, a.d_out * (int64_t)sizeof(S));
+            pf.add(hid + (n0 + T) * a.ldh, a.ldh * (int64_t)sizeof(S), nn, a.r * (int64_t)sizeof(S));
+            pf.add(x + (n0 + T) * a.ldx, a.ldx * (int64_t)sizeof(S), nn, a.d * (int64_t)sizeof(S));
+          }
+          pf.plan(a.up_e.rows + a.r + a.down_e.rows + a.d);
           load_tile<S>(go + n0 * a.ldg, a.ldg, nt, a.d_out, gT, (A)a.scale, a.scale != 1.0);
           lane_sums(gT, a.d_out, gub);
           load_tile<S>(hid + n0 * a.ldh, a.ldh, nt, a.r, hT, A(1), false);
           act_fwd(hT, aT, a.r * T, a.act);
-          sddmm_tile(a.up, gT, aT, g_up);
-          rows(a.up_t, 0, a.r, gT, dT);
+          if (a.up_e.rows_are_x)
+            sddmm_rows(a.up_e, aT, gT, g_up, &pf);
+          else
+            sddmm_rows(a.up_e, gT, aT, g_up, &pf);
+          rows(a.up_t, 0, a.r, gT, dT, &pf);
           act_bwd(hT, dT, a.r * T, a.act);
           lane_sums(dT, a.r, gdb);
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
-          sddmm_tile(a.down, dT, xT, g_down);
+          if (a.down_e.rows_are_x)
+            sddmm_rows(a.down_e, xT, dT, g_down, &pf);
+          else
+            sddmm_rows(a.down_e, dT, xT, g_down, &pf);
           rows_to_tokens<S>(a.down_t, dT, chunk, nt, static_cast<S*>(a.grad_x) + n0 * a.d, a.d, nullptr, A(1),
-                            nullptr, 0);
+                            nullptr, 0, &pf);
         }
       }
     }

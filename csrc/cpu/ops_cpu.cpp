@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <vector>
 #include <string>
 #include <tuple>
 
@@ -73,6 +74,10 @@ const KernelTable* kernels_for(DType dt) {
 
 Config make_config(int64_t work) {
   Config c;
+  const char* pf = std::getenv("SAK_CPU_PREFETCH");
+  c.prefetch = !(pf && std::strcmp(pf, "0") == 0);
+  const char* nt = std::getenv("SAK_CPU_STREAM");
+  c.stream = nt && std::strcmp(nt, "1") == 0;
   c.threads = (at::in_parallel_region() || work < (int64_t)1 << 16) ? 1 : (int)at::get_num_threads();
   const char* env = std::getenv("SAK_CPU_TILE");
   if (env && *env) {
@@ -178,6 +183,18 @@ void check_range(const char* op, const char* name, const Tensor& idx, int64_t li
               ": expected values in [0, ", limit, ") (", limit_what, "), got values in [", lo, ", ", hi, "]");
 }
 
+// perm must be a permutation (no entry twice), else some outputs would be counted twice.
+void check_permutation(const char* op, const char* name, const Tensor& perm) {
+  const int32_t* p = perm.data_ptr<int32_t>();
+  const int64_t n = perm.numel();
+  std::vector<uint8_t> seen(n, 0);
+  for (int64_t i = 0; i < n; i++) {
+    TORCH_CHECK(!seen[p[i]], "sparseadapter_kernels::", op, ": ", name, ": expected a permutation, got entry ", p[i],
+                " twice");
+    seen[p[i]] = 1;
+  }
+}
+
 // A validated sparse operand, values converted to the accumulation dtype (and gathered / transposed
 // through perm when given). `values_holder` keeps the prepared values alive.
 struct Operand {
@@ -223,6 +240,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
     TORCH_CHECK(perm->numel() == nb, "sparseadapter_kernels::", op, ": ", pn, ": expected ", nb, " entries (one per entry of ",
                 kn, "), got ", perm->numel());
     check_range(op, pn.c_str(), *perm, nb, "entries of values");
+    check_permutation(op, pn.c_str(), *perm);
     v = values.index_select(0, *perm);
     if (bsr) v = v.transpose(1, 2);
   }
@@ -237,6 +255,131 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   o.op.bw = bw;
   o.op.nblocks = nb;
   return o;
+}
+
+// The SDDMM entries of a CSR/BSR structure with block rows (crow, col) of bh x bw blocks over an
+// element matrix [M, K], grouped in the orientation with fewer rows (longer rows: the row operand
+// stays in registers over more entries). The transposed orientation uses (t_crow, t_row, t_perm) when
+// given (validated), else a counting sort here (O(nnz), no densifying).
+struct EntryHolder {
+  EntryRows E;
+  Tensor rptr, bcol, oidx;
+};
+
+EntryHolder entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_t bw, int64_t M, int64_t K,
+                       const Tensor* t_crow, const Tensor* t_row, const Tensor* t_perm) {
+  EntryHolder h;
+  const int64_t nb = col.numel(), nnz = nb * bh * bw;
+  const int64_t block_rows = M / bh, block_cols = K / bw;
+  const bool transposed = K < M;
+  h.E.nnz = nnz;
+  h.E.rows_are_x = transposed;
+  h.E.rows = transposed ? K : M;
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cl = col.data_ptr<int32_t>();
+  if (!transposed && bh == 1 && bw == 1) {
+    h.E.rptr = cr;
+    h.E.bcol = cl;
+    return h;
+  }
+  // block-level transpose (t_crow over block columns, t_row = block row, t_perm = block index)
+  const int32_t *tcr = nullptr, *trw = nullptr, *tpm = nullptr;
+  Tensor tc, tr, tp;
+  if (transposed) {
+    if (t_crow && t_row && t_perm) {
+      tcr = t_crow->data_ptr<int32_t>();
+      trw = t_row->data_ptr<int32_t>();
+      tpm = t_perm->data_ptr<int32_t>();
+    } else {
+      tc = at::zeros({block_cols + 1}, at::kInt);
+      tr = at::empty({nb}, at::kInt);
+      tp = at::empty({nb}, at::kInt);
+      int32_t* c = tc.data_ptr<int32_t>();
+      for (int64_t b = 0; b < nb; b++) c[cl[b] + 1]++;
+      for (int64_t i = 0; i < block_cols; i++) c[i + 1] += c[i];
+      std::vector<int32_t> next(c, c + block_cols);
+      int32_t* r = tr.data_ptr<int32_t>();
+      int32_t* p = tp.data_ptr<int32_t>();
+      for (int64_t br = 0; br < block_rows; br++)
+        for (int32_t b = cr[br]; b < cr[br + 1]; b++) {
+          const int32_t pos = next[cl[b]]++;
+          r[pos] = (int32_t)br;
+          p[pos] = b;
+        }
+      tcr = c;
+      trw = r;
+      tpm = p;
+    }
+    if (bh == 1 && bw == 1) {
+      h.E.rptr = tcr;
+      h.E.bcol = trw;
+      h.E.oidx = tpm;
+      h.rptr = tc;  // keep the computed arrays alive (undefined when given)
+      h.bcol = tr;
+      h.oidx = tp;
+      return h;
+    }
+  }
+  // expand blocks into element entries
+  h.rptr = at::empty({h.E.rows + 1}, at::kInt);
+  h.bcol = at::empty({nnz}, at::kInt);
+  h.oidx = at::empty({nnz}, at::kInt);
+  int32_t* rp = h.rptr.data_ptr<int32_t>();
+  int32_t* bc = h.bcol.data_ptr<int32_t>();
+  int32_t* oi = h.oidx.data_ptr<int32_t>();
+  int64_t e = 0, row = 0;
+  const int64_t bsz = bh * bw;
+  if (!transposed) {
+    for (int64_t br = 0; br < block_rows; br++)
+      for (int64_t i = 0; i < bh; i++) {
+        rp[row++] = (int32_t)e;
+        for (int32_t b = cr[br]; b < cr[br + 1]; b++)
+          for (int64_t j = 0; j < bw; j++) {
+            bc[e] = (int32_t)(cl[b] * bw + j);
+            oi[e++] = (int32_t)(b * bsz + i * bw + j);
+          }
+      }
+  } else {
+    for (int64_t bcix = 0; bcix < block_cols; bcix++)
+      for (int64_t j = 0; j < bw; j++) {
+        rp[row++] = (int32_t)e;
+        for (int32_t q = tcr[bcix]; q < tcr[bcix + 1]; q++) {
+          const int64_t b = tpm[q], br = trw[q];
+          for (int64_t i = 0; i < bh; i++) {
+            bc[e] = (int32_t)(br * bh + i);
+            oi[e++] = (int32_t)(b * bsz + i * bw + j);
+          }
+        }
+      }
+  }
+  rp[row] = (int32_t)e;
+  h.E.rptr = rp;
+  h.E.bcol = bc;
+  h.E.oidx = oi;
+  return h;
+}
+
+// The transpose metadata must describe the same entries as (crow, col): entry q of block row c of
+// the transpose is block t_perm[q] of the weight, which sits in block row t_row[q] and block column c.
+void check_transpose_consistent(const char* op, const std::string& prefix, const Tensor& crow, const Tensor& col,
+                                const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm) {
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cl = col.data_ptr<int32_t>();
+  const int32_t* tcr = t_crow.data_ptr<int32_t>();
+  const int32_t* trw = t_row.data_ptr<int32_t>();
+  const int32_t* tpm = t_perm.data_ptr<int32_t>();
+  const int64_t nrows = crow.numel() - 1, ncols = t_crow.numel() - 1;
+  std::vector<int32_t> row_of(col.numel());
+  for (int64_t r = 0; r < nrows; r++)
+    for (int32_t b = cr[r]; b < cr[r + 1]; b++) row_of[b] = (int32_t)r;
+  for (int64_t c = 0; c < ncols; c++)
+    for (int32_t q = tcr[c]; q < tcr[c + 1]; q++) {
+      const int32_t b = tpm[q];
+      TORCH_CHECK(cl[b] == c && row_of[b] == trw[q], "sparseadapter_kernels::", op, ": ", prefix,
+                  "t_crow_indices/", prefix, "t_row_indices/", prefix,
+                  "t_perm: expected the transpose of the weight's structure, got entry ", q, " -> stored entry ", b,
+                  " at (", row_of[b], ", ", cl[b], ") but listed at (", trw[q], ", ", c, ")");
+    }
 }
 
 // Shape-only checks of transpose metadata that the forward carries for the backward.
@@ -316,15 +459,9 @@ Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tenso
   Tensor out = bsr ? at::empty({nb, bh, bw}, dy.options()) : at::empty({nb}, dy.options());
   if (nb == 0) return out;
   if (N == 0) return out.zero_();
-  SparseOperand S;
-  S.crow = crow.data_ptr<int32_t>();
-  S.col = col.data_ptr<int32_t>();
-  S.block_rows = M / bh;
-  S.bh = bh;
-  S.bw = bw;
-  S.nblocks = nb;
-  SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), S, out.data_ptr(),
-              make_config(work_of(N, S.nnz(), M + K))};
+  EntryHolder H = entry_rows(crow, col, bh, bw, M, K, nullptr, nullptr, nullptr);
+  SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), H.E, out.data_ptr(),
+              make_config(work_of(N, H.E.nnz, M + K))};
   kernels_for(dt)->sddmm(a);
   return out;
 }
@@ -438,6 +575,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   TORCH_CHECK(Dt.op.rows() == d && Ut.op.rows() == r, "sparseadapter_kernels::", op,
               ": down_t_crow_indices/up_t_crow_indices: expected ", d / D.op.bw + 1, " and ", r / Up.op.bw + 1,
               " entries (block columns + 1), got ", down_t_crow.numel(), " and ", up_t_crow.numel());
+  check_transpose_consistent(op, "down_", down_crow, down_col, down_t_crow, down_t_row, down_t_perm);
+  check_transpose_consistent(op, "up_", up_crow, up_col, up_t_crow, up_t_row, up_t_perm);
+  EntryHolder De = entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r, d, &down_t_crow, &down_t_row, &down_t_perm);
+  EntryHolder Ue = entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out, r, &up_t_crow, &up_t_row, &up_t_perm);
   check_matrix(op, "grad_out", grad_out, "[N, d_out]");
   check_matrix(op, "hidden", hidden, "[N, r]");
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
@@ -460,6 +601,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   a.x = x.data_ptr(); a.ldx = ld_of(x);
   a.hidden = hidden.data_ptr(); a.ldh = ld_of(hidden);
   a.down = D.op; a.up = Up.op; a.down_t = Dt.op; a.up_t = Ut.op;
+  a.down_e = De.E; a.up_e = Ue.E;
   a.act = act;
   a.scale = scale;
   a.grad_x = gx.data_ptr();
