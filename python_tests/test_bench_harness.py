@@ -158,6 +158,7 @@ def test_end_to_end_tiny_run_writes_results_and_plots(tmp_path, capsys):
     (["--repeats", "0"], "must be >= 1"),
     (["--min-repeats", "9", "--repeats", "3"], "larger than --repeats"),
     (["--large-sparse-k", "1"], "must be >= 2"),
+    (["--time-budget", "-5"], "must be >= 0"),
     (["--compare", "/nonexistent/a.json", "/nonexistent/b.json"], "no such results file"),
 ])
 def test_bad_options_exit_with_a_clear_message(args, message, capsys):
@@ -210,6 +211,16 @@ def test_measure_cycles_buffers_and_respects_bounds():
     assert t.repeats == 7 and len(seen) == 8
     assert set(seen) == {0, 1, 2}
     assert t.min_s <= t.median_s
+
+
+def test_time_budget_shrinks_measurements():
+    cfg = tiny_config(suites=["main"], ops=["down"], modes=["fwd"], layouts=["csr"], sparsities=[0.1, 0.2, 0.3, 0.5],
+                      time_budget=1e-3, warmup=1, repeats=50, min_repeats=5, max_time=0.05)
+    runner = harness.Runner(cfg, progress=False)
+    rows = runner.run()
+    assert runner.min_scale < 1
+    assert rows[-1]["budget_scale"] < 1 and rows[0]["budget_scale"] == 1
+    assert all(r["repeats"] >= 3 for r in rows if r["status"] == "ok")
 
 
 def test_measure_many_interleaves_implementations():

@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         memory = memory_report(cfg)
     results = {"provenance": prov, "config": cfg.as_dict(), "backends": backends, "rows": rows, "memory": memory,
-               "elapsed_s": None}
+               "budget_scale_min": round(runner.min_scale, 3), "elapsed_s": None}
     report.emit(report.format_rows(rows) + report.format_summary(rows) + report.format_memory(memory))
     plots = {}
     if args.plots:
@@ -64,6 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = ["", f"wrote {jpath}, {cpath}"]
     for paths in plots.values():
         lines += [f"wrote {p}" for p in paths]
+    if runner.min_scale < 1:
+        lines.append(f"note: to stay within --time-budget {cfg.time_budget:g} s the time per measurement was cut "
+                     f"to {runner.min_scale:.0%} at most (see budget_scale in the results); the machine is "
+                     "slower or busier than expected")
     lines.append(f"done in {results['elapsed_s']:.0f} s")
     report.emit(lines)
     bad = failures(rows)

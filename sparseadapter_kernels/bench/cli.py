@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"time budget per measurement between those bounds (default: {S.DEFAULT_MAX_TIME})")
     t.add_argument("--warmup", type=_nonneg_int, default=None,
                    help=f"untimed calls before timing (default: {S.DEFAULT_WARMUP}; at least 1 runs)")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help=f"seconds for the timed sweep: past it, measurements get fewer calls (default: "
+                        f"{S.DEFAULT_TIME_BUDGET:g}; 0 = no limit)")
     t.add_argument("--buffers", type=_nonneg_int, default=0,
                    help="rotating input buffers (default: 0 = enough to exceed the caches)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -238,7 +241,10 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         warmup=pick(args.warmup, "warmup", S.DEFAULT_WARMUP), repeats=pick(args.repeats, "repeats", S.DEFAULT_REPEATS),
         min_repeats=pick(args.min_repeats, "min_repeats", S.DEFAULT_MIN_REPEATS),
         max_time=pick(args.max_time, "max_time", S.DEFAULT_MAX_TIME), buffers=args.buffers, seed=args.seed,
-        torch_sparse=args.torch_sparse)
+        torch_sparse=args.torch_sparse,
+        time_budget=S.DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget)
+    if cfg.time_budget < 0:
+        parser.error(f"--time-budget {cfg.time_budget:g}: must be >= 0 (0 = no limit)")
     if cfg.min_repeats > cfg.repeats:
         parser.error(f"--min-repeats {cfg.min_repeats} is larger than --repeats {cfg.repeats}")
     if "bsr" in layouts:

@@ -83,6 +83,8 @@ class Runner:
         self.impls = impls if impls is not None else build_impls(cfg.backends, cfg.torch_sparse)
         self.progress = progress
         self.events: List[Tuple[str, str, str]] = []
+        self.scale = 1.0          # < 1 when the time budget forced fewer timed calls
+        self.min_scale = 1.0
 
     # ------------------------------------------------------------------ verification
     def verify(self, impl: Impl, wl: Workload, label: Optional[str] = None,
@@ -129,7 +131,9 @@ class Runner:
             self.events.append(("time", p.label(), m.impl))
         cfg = self.cfg
         try:
-            timings = measure_many(steps, p.device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_time)
+            min_repeats = cfg.min_repeats if self.scale >= 1 else max(min(3, cfg.min_repeats),
+                                                                     round(cfg.min_repeats * self.scale))
+            timings = measure_many(steps, p.device, cfg.warmup, cfg.repeats, min_repeats, cfg.max_time * self.scale)
         except Exception as exc:
             for m in todo:
                 m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
@@ -196,18 +200,40 @@ class Runner:
     def units(self, problems: List[Problem]) -> int:
         return sum(len(self.impls) + 1 + (1 if p.k > 1 else 0) for p in problems)
 
+    @staticmethod
+    def _weight(p: Problem) -> float:
+        """Relative cost of a problem for the time budget: its dense flops plus a fixed overhead."""
+        numel = sum(o * i for o, i in p.weight_shapes)
+        return 2.0 * p.n * numel * (3 if p.mode == "fwdbwd" else 1) + 2.0 * 4096 * 768 * 64
+
     def run(self, problems: Optional[List[Problem]] = None) -> List[dict]:
+        """Run the problems. With ``cfg.time_budget`` > 0, when the time spent so far projects past the
+        budget, the time per measurement (and the minimum number of calls, down to 3) shrinks; the
+        factor is recorded in every row (``budget_scale``)."""
         problems = all_problems(self.cfg) if problems is None else problems
         rows: List[dict] = []
         from tqdm.auto import tqdm
 
+        budget = float(getattr(self.cfg, "time_budget", 0) or 0)
+        weights = [self._weight(p) for p in problems]
+        t0 = time.perf_counter()
         bar = tqdm(total=self.units(problems), unit="meas", dynamic_ncols=True, leave=False,
                    disable=(None if self.progress is None else not self.progress))
         try:
-            for p in problems:
+            for idx, p in enumerate(problems):
+                if budget and idx >= 2:
+                    elapsed = time.perf_counter() - t0
+                    projected = elapsed / sum(weights[:idx]) * sum(weights[idx:])
+                    left = max(budget - elapsed, 1e-3)
+                    if projected > left:
+                        self.scale = max(0.05, min(1.0, self.scale * left / projected))
+                    self.min_scale = min(self.min_scale, self.scale)
                 bar.set_description(f"{p.suite} {p.op} {p.mode} {p.layout} s={p.sparsity:g}"
                                     + (f" N={p.n}" if p.suite == "tokens" else f" k={p.k}" if p.k > 1 else ""))
-                rows += self.run_problem(p, tick=bar.update)
+                new_rows = self.run_problem(p, tick=bar.update)
+                for row in new_rows:
+                    row["budget_scale"] = round(self.scale, 3)
+                rows += new_rows
         finally:
             bar.close()
         return rows

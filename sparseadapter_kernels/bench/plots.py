@@ -55,6 +55,14 @@ def _subtitle(results: dict) -> str:
             f"commit {(p.get('git_commit') or '?')[:10]}, {p.get('date_utc', '')[:10]}")
 
 
+def _plain_log_ticks(ax, plt) -> None:
+    """Log axis ticks as plain numbers (0.5, 2, 30) instead of 3x10^1."""
+    fmt = plt.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(plt.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else ""))
+
+
 def _legend(fig, handles, ncol=4):
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
 
@@ -145,7 +153,11 @@ def plot_tokens(results: dict, out_dir: str) -> List[str]:
             impls.append(impl)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        _plain_log_ticks(ax, plt)
         ax.grid(True, which="both", alpha=0.3)
+        ns = sorted({r["n"] for r in sub})
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
         ax.set_xlabel("tokens N (log scale)")
         if j == 0:
             ax.set_ylabel("median time per call (ms, log scale)")
@@ -193,6 +205,7 @@ def plot_large_sparse(results: dict, out_dir: str) -> List[str]:
                 impls.append(impl)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            _plain_log_ticks(ax, plt)
             ax.set_xticks(ks)
             ax.set_xticklabels([f"k={k}\nr={next(r['r'] for r in sub if r['k'] == k)}" for k in ks])
             ax.grid(True, which="both", alpha=0.3)
@@ -208,7 +221,7 @@ def plot_large_sparse(results: dict, out_dir: str) -> List[str]:
     fig.suptitle(f"Large-Sparse adapter layer, {dtype}, N={r0['n']} d={r0['d']}: same nonzeros as dense "
                  f"r={r0['r0']}\n{_subtitle(results)}", fontsize=11)
     _legend(fig, handles, ncol=min(3, len(handles)))
-    fig.tight_layout(rect=(0, 0.1 if len(handles) <= 3 else 0.14, 1, 1))
+    fig.tight_layout(rect=(0, (0.035 + 0.03 * math.ceil(len(handles) / 3)) * 2 / (len(modes) + 0.4), 1, 1))
     path = os.path.join(out_dir, f"large_sparse_{dtype}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)

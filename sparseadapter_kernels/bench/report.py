@@ -12,7 +12,7 @@ CSV_COLUMNS = ("suite", "op", "mode", "layout", "block_size", "dtype", "device",
                "activation", "sparsity", "actual_sparsity", "nnz", "numel", "impl", "kind", "impl_dtype",
                "status", "verified", "max_rel_err", "tol", "median_ms", "min_ms", "q1_ms", "q3_ms", "repeats",
                "speedup", "speedup_vs_best", "ideal_speedup", "gflops", "gbps", "flops",
-               "bytes", "reason")
+               "bytes", "budget_scale", "reason")
 KEY_FIELDS = ("suite", "op", "mode", "layout", "block_size", "dtype", "device", "n", "d", "r", "k", "sparsity", "impl")
 
 

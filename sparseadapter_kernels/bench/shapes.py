@@ -43,6 +43,9 @@ DEFAULT_WARMUP = 2
 DEFAULT_REPEATS = 50
 DEFAULT_MIN_REPEATS = 5
 DEFAULT_MAX_TIME = 0.3
+# The CLI's time budget for the timed sweep (memory, plots and start-up add about half a minute):
+# `make bench` must finish within 10 minutes on the 2-core development machine even when it is busy.
+DEFAULT_TIME_BUDGET = 420.0
 
 # --quick: a reduced sweep (about a minute on the 2-core development machine).
 QUICK = dict(sparsities=(0.5, 0.9), ops=("down", "adapter"), large_sparse_k=(4,), token_sweep=(1024, 4096),
@@ -133,6 +136,7 @@ class SweepConfig:
     buffers: int = 0                 # rotating input buffers (0 = automatic)
     seed: int = 0
     torch_sparse: bool = True        # time the torch.sparse baseline
+    time_budget: float = 0.0         # seconds for the timed sweep; 0 = no limit (the CLI sets one)
 
     def as_dict(self) -> dict:
         out = asdict(self)
