@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch 2.13.0 (on disk here); override e.g. TORCH=torch==2.11.0 elsewhere.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv build test bench clean
+.PHONY: venv build cmake-build test bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
 build: $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+# The same sources (csrc/SOURCES) through CMake into build/cmake/libsparseadapter_kernels.so, loaded by
+# torch.ops.load_library (python_tests/test_cmake_build.py runs the kernels from it).
+CMAKE_BUILD := build/cmake
+cmake-build: $(VENV)/.deps
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(abspath $(PY)) > $(CMAKE_BUILD).log || (cat $(CMAKE_BUILD).log; exit 1)
+	cmake --build $(CMAKE_BUILD)
+
+test: build cmake-build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider
 	# Triton kernels on the CPU: TRITON_INTERPRET must be set before triton is imported, hence its own process
 	TRITON_INTERPRET=1 $(PY) -m pytest python_tests/test_triton.py -m interpret -q -p no:cacheprovider

@@ -413,6 +413,8 @@ def _bad_cases():
     neg_col[0] = -1
     bad_perm = w.t_perm.clone()
     bad_perm[0] = w.nnz + 5
+    dup_perm = w.t_perm.clone()
+    dup_perm[1] = dup_perm[0]
     down, up = _adapter_weights(24, 8, 24, 0.5, torch.float32, "csr", None)
     ok = list(_fused_args(x, None, down, up, None, None, "relu", 1.0))
 
@@ -426,6 +428,11 @@ def _bad_cases():
         return lambda: lib.fused_adapter(*args)
 
     _, hidden = lib.fused_adapter(*ok)
+    # a valid permutation that lists two entries of different columns under each other's column
+    tc = down.t_crow_indices
+    first, last = int(tc[0]), int(tc[-1]) - 1
+    swapped_t_perm = down.t_perm.clone()
+    swapped_t_perm[first], swapped_t_perm[last] = int(down.t_perm[last]), int(down.t_perm[first])
     bwd_ok = list(_fused_bwd_args(rand(5, 24), x, hidden, down, up, "relu", 1.0))
 
     def fused_bwd(i, val):
@@ -454,6 +461,8 @@ def _bad_cases():
          r"values: expected a 1-D \[nnz\] tensor"),
         ("perm out of range", lambda: lib.csr_spmm(dy, v, w.t_crow_indices, w.t_row_indices, bad_perm),
          r"perm: expected values in \[0, \d+\)"),
+        ("perm duplicate", lambda: lib.csr_spmm(dy, v, w.t_crow_indices, w.t_row_indices, dup_perm),
+         r"perm: expected a permutation, got entry \d+ twice"),
         ("perm length", lambda: lib.csr_spmm(dy, v, w.t_crow_indices, w.t_row_indices, w.t_perm[:-1]),
          r"perm: expected \d+ entries"),
         ("bsr K not divisible", lambda: lib.bsr_spmm(rand(5, 25), b.values, b.crow_indices, b.col_indices, None),
@@ -482,6 +491,8 @@ def _bad_cases():
         ("bwd t_perm range", fused_bwd(8, torch.full_like(down.t_perm, 10**6)),
          r"down_t_perm: expected values in \[0, \d+\)"),
         ("bwd activation", fused_bwd(15, "softmax"), r"activation: expected one of"),
+        ("bwd inconsistent transpose", fused_bwd(8, swapped_t_perm),
+         r"down_t_crow_indices/down_t_row_indices/down_t_perm: expected the transpose of the weight's structure"),
     ]
 
 

@@ -43,6 +43,10 @@ struct V {
   static SAK_INLINE reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static SAK_INLINE reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
 
+  static SAK_INLINE reg load4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  template <int J>
+  static SAK_INLINE reg lane4(reg v) { return _mm256_shuffle_ps(v, v, J * 0x55); }
+
   static SAK_INLINE __m256i lanes(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }

@@ -47,6 +47,12 @@ struct V {
   static SAK_INLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static SAK_INLINE reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
 
+  // 4 consecutive values repeated in every 128-bit lane; lane4<j> broadcasts value j from it (a
+  // shuffle, not a load: the spmm loop is bound by loads, one per cycle here)
+  static SAK_INLINE reg load4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  template <int J>
+  static SAK_INLINE reg lane4(reg v) { return _mm512_shuffle_ps(v, v, J * 0x55); }
+
   static SAK_INLINE __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
   // --- storage <-> fp32 (masked for n < 16; masked-off lanes never touch memory)

@@ -42,6 +42,13 @@ struct VG {
     for (int i = 0; i < W; i++) p[i] = v.v[i];
   }
   static inline reg loadu(const AT* p) { return load(p); }
+  static inline reg load4(const AT* p) {
+    reg r;
+    for (int i = 0; i < W; i++) r.v[i] = p[i % 4];
+    return r;
+  }
+  template <int J>
+  static inline reg lane4(const reg& v) { return set1(v.v[J]); }
   static inline void storeu(AT* p, const reg& v) { store(p, v); }
 
 #define SAK_BINOP(name, expr)                    \

@@ -57,6 +57,8 @@ static Scratch& thread_scratch() {
   return s;
 }
 
+static thread_local int g_variant = 0;  // experiments only
+
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -200,6 +202,23 @@ struct Kern {
       for (int u = 0; u < U; u++) { a[u] = V::zero(); b[u] = V::zero(); }
       int64_t k = crow[m];
       const int64_t e = crow[m + 1];
+      for (; g_variant != 1 && k + 3 < e; k += 4) {
+        const reg v4 = V::load4(vals + k);
+        const A* p0 = inT + (int64_t)col[k] * T;
+        const A* p1 = inT + (int64_t)col[k + 1] * T;
+        const A* p2 = inT + (int64_t)col[k + 2] * T;
+        const A* p3 = inT + (int64_t)col[k + 3] * T;
+        const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
+        for (int u = 0; u < U; u++) {
+          a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+          b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
+        }
+        const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
+        for (int u = 0; u < U; u++) {
+          a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
+          b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
+        }
+      }
       for (; k + 1 < e; k += 2) {
         const reg v0 = V::set1(vals[k]), v1 = V::set1(vals[k + 1]);
         const A* p0 = inT + (int64_t)col[k] * T;
@@ -374,6 +393,7 @@ struct Kern {
     S* y = static_cast<S*>(a.y);
 #pragma omp parallel num_threads(nth)
     {
+      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
@@ -408,6 +428,7 @@ struct Kern {
     if (!partial) return;
 #pragma omp parallel num_threads(nth)
     {
+      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
@@ -464,6 +485,7 @@ struct Kern {
     const int64_t rpad = (a.r + W - 1) / W * W;
 #pragma omp parallel num_threads(nth)
     {
+      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
@@ -519,6 +541,7 @@ struct Kern {
     if (!partial) return;
 #pragma omp parallel num_threads(nth)
     {
+      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;

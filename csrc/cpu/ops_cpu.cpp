@@ -72,12 +72,20 @@ const KernelTable* kernels_for(DType dt) {
   return best;
 }
 
-Config make_config(int64_t work) {
+// Token tile: 64 when the feature-major tile that the sparse entries index has at most 256 features
+// (it stays in L1 and four FMAs share each index and value), else 32 (a 768-feature tile of 64 tokens
+// would spill L2 traffic into every access). Measured in benchmarks/results (docs/cpu_kernels.md).
+int tile_for(int64_t indexed_features) { return indexed_features <= 256 ? 64 : 32; }
+
+Config make_config(int64_t work, int default_tile) {
   Config c;
+  c.tile = default_tile;
   const char* pf = std::getenv("SAK_CPU_PREFETCH");
   c.prefetch = !(pf && std::strcmp(pf, "0") == 0);
   const char* nt = std::getenv("SAK_CPU_STREAM");
   c.stream = nt && std::strcmp(nt, "1") == 0;
+  const char* xv = std::getenv("SAK_CPU_X");
+  c.variant = xv ? std::atoi(xv) : 0;
   c.threads = (at::in_parallel_region() || work < (int64_t)1 << 16) ? 1 : (int)at::get_num_threads();
   const char* env = std::getenv("SAK_CPU_TILE");
   if (env && *env) {
@@ -423,7 +431,7 @@ Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Te
   if (N == 0 || M == 0) return y;
   if (A.op.nblocks == 0) return y.zero_();
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
-             make_config(work_of(N, A.op.nnz(), x.size(1) + M))};
+             make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)))};
   kernels_for(dt)->spmm(a);
   return y;
 }
@@ -461,7 +469,7 @@ Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tenso
   if (N == 0) return out.zero_();
   EntryHolder H = entry_rows(crow, col, bh, bw, M, K, nullptr, nullptr, nullptr);
   SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), H.E, out.data_ptr(),
-              make_config(work_of(N, H.E.nnz, M + K))};
+              make_config(work_of(N, H.E.nnz, M + K), tile_for(H.E.rows_are_x ? M : K))};
   kernels_for(dt)->sddmm(a);
   return out;
 }
@@ -545,7 +553,7 @@ std::tuple<Tensor, Tensor> fused_adapter(
   a.scale = scale;
   a.out = out.data_ptr();
   a.hidden = hidden.data_ptr();
-  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out));
+  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 64);
   kernels_for(dt)->fused_fwd(a);
   return {out, hidden};
 }
@@ -609,7 +617,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   a.grad_down_bias = gdb.data_ptr();
   a.grad_up_values = guv.data_ptr();
   a.grad_up_bias = gub.data_ptr();
-  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out));
+  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 32);
   kernels_for(dt)->fused_bwd(a);
   return {gx, gdv, gdb, guv, gub};
 }
