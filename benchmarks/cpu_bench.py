@@ -291,6 +291,7 @@ def main(argv=None):
     p.add_argument("--rotate", type=int, default=2, help="input buffers cycled through")
     p.add_argument("--n", type=int, default=N, help="tokens")
     p.add_argument("--activation", default="silu")
+    p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0 = torch's default")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -298,6 +299,8 @@ def main(argv=None):
     suites = args.suite.split(",")
     if args.quick:
         args.reps, args.warmup = min(args.reps, 8), 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     prov = provenance(argv)
     print(f"# {prov['cpu_model']} ({prov['cpu_count']} cpus, torch threads {prov['torch_threads']}), "

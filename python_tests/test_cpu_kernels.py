@@ -165,6 +165,43 @@ def test_default_shape_all_paths_agree():
         check(y, expected, torch.float32, 768, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_rows_over_many_columns(isa, dtype):
+    """Rows of >= 64 entries over > 256 columns take the K-blocked paths (spmm, SDDMM, fused)."""
+    d, r = 384, 8
+    for layout, block in (("csr", None), ("bsr", (4, 32))):
+        down, up = _adapter_weights(d, r, d, 0.5, dtype, layout, block)
+        x, go = rand(70, d, dtype=dtype), rand(70, d, dtype=dtype, seed=3)
+        y = _spmm(down)(x, down.values, down.crow_indices, down.col_indices, None)
+        check(y, ref.spmm(x.double(), down.values.double(), down.crow_indices, down.col_indices), dtype, d, "fwd")
+        dx = _spmm(up)(go, up.values, up.t_crow_indices, up.t_row_indices, up.t_perm)
+        check(dx, ref.spmm(go.double(), up.values.double(), up.t_crow_indices, up.t_row_indices, up.t_perm), dtype,
+              d, "dx")
+        h = rand(70, r, dtype=dtype, seed=4)
+        g = _sddmm(h, x, down)
+        check(g, ref.sddmm(h.double(), x.double(), down.values.double(), down.crow_indices, down.col_indices), dtype,
+              70, "sddmm")
+        out, hidden = lib.fused_adapter(*_fused_args(x, x, down, up, None, None, "gelu", 1.0))
+        e_out, _ = ref.fused_adapter(*_fused_args(x.double(), x.double(), _as64(down), _as64(up), None, None, "gelu",
+                                                  1.0))
+        check(out, e_out, dtype, d * r, "fused out")
+        grads = lib.fused_adapter_backward(*_fused_bwd_args(go, x, hidden, down, up, "gelu", 1.0))
+        expected = ref.fused_adapter_backward(*_fused_bwd_args(go.double(), x.double(), hidden.double(), _as64(down),
+                                                               _as64(up), "gelu", 1.0))
+        for got, exp, k in zip(grads, expected, [d * r, 70 * d, 70 * d, 70, 70]):
+            check(got, exp, dtype, k, "fused backward")
+    # columns in any order within a row give the same result
+    w = make_weight((16, 512), 0.5, torch.float32, "csr", None)
+    perm = torch.cat([torch.randperm(int(w.crow_indices[i + 1] - w.crow_indices[i])) + int(w.crow_indices[i])
+                      for i in range(16)])
+    x = rand(33, 512)
+    y = lib.csr_spmm(x, w.values[perm], w.crow_indices, w.col_indices[perm].contiguous(), None)
+    check(y, ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices), torch.float32, 512, "unsorted")
+    g = lib.csr_sddmm(rand(33, 16, seed=5), x, w.crow_indices, w.col_indices[perm].contiguous())
+    e = ref.sddmm(rand(33, 16, seed=5).double(), x.double(), w.values, w.crow_indices, w.col_indices[perm])
+    check(g, e, torch.float32, 33, "unsorted sddmm")
+
+
 def test_bf16_rounding_matches_torch():
     """bf16 outputs are fp32 sums rounded to nearest even, like torch's own conversion."""
     w = make_weight((32, 64), 0.5, torch.bfloat16, "csr", None)

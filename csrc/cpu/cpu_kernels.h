@@ -24,21 +24,23 @@ struct SparseOperand {
   int64_t block_rows = 0;
   int64_t bh = 1, bw = 1;
   int64_t nblocks = 0;
+  // K-blocked CSR (long rows over many columns): entries regrouped per chunk of kchunk columns,
+  // chunk-major; the entries of row m in chunk c are [kptr[c * (rows + 1) + m], ... + m + 1), and
+  // values / col point at the regrouped arrays. kptr null: plain CSR.
+  const int32_t* kptr = nullptr;
+  int64_t kchunks = 0;
   int64_t rows() const { return block_rows * bh; }
   int64_t nnz() const { return nblocks * bh * bw; }
 };
 
-// The stored entries of a sparse matrix grouped by "rows" for the SDDMM, in either orientation:
-// natural (rows = rows of the matrix, entries index its columns) or transposed (rows = its columns).
-// Entry e of row i has the other feature bcol[e] and lands in out[oidx[e]] (oidx null: out[e]).
-// BSR is expanded to elements. rows_are_x: the rows index x's features (transposed orientation).
+// The stored entries of a sparse matrix grouped by element rows for the SDDMM: entry e of row i has
+// column bcol[e] and its value / output at position oidx[e] (oidx null: e). BSR is expanded.
 struct EntryRows {
   const int32_t* rptr = nullptr;  // [rows + 1]
   const int32_t* bcol = nullptr;  // [nnz]
   const int32_t* oidx = nullptr;  // [nnz] or null
   int64_t rows = 0;
   int64_t nnz = 0;
-  bool rows_are_x = false;
 };
 
 // Tile configuration (tokens per tile); 0 = the kernel's default.
@@ -96,7 +98,7 @@ struct FusedBwdArgs {
   const void* hidden; int64_t ldh;
   SparseOperand down, up;      // forward orientation (values unused here)
   SparseOperand down_t, up_t;  // transposes with gathered values: dx products
-  EntryRows down_e, up_e;      // the SDDMMs (up_e: rows_are_x means rows index the bottleneck)
+  EntryRows down_e, up_e;      // the SDDMMs
   Act act;
   double scale;
   void* grad_x;             // [N, d]

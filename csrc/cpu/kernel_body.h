@@ -280,10 +280,58 @@ struct Kern {
     }
   }
 
+  // K-blocked CSR rows: chunk by chunk of columns (the part of inT they index stays in L1), each
+  // row's accumulators carried across chunks in `out` (L1).
+  static void csr_rows_kblocked(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out,
+                                Prefetch* pf) {
+    const A* vals = static_cast<const A*>(S.values);
+    const int32_t* col = S.col;
+    const int64_t M = S.rows();
+    for (int64_t m = m_begin; m < m_end; m++)
+      for (int u = 0; u < U; u++) V::store(out + (m - m_begin) * T + u * W, V::zero());
+    for (int64_t c = 0; c < S.kchunks; c++) {
+      const int32_t* kp = S.kptr + c * (M + 1);
+      for (int64_t m = m_begin; m < m_end; m++) {
+        if (pf && c == 0) pf->step();
+        int64_t k = kp[m];
+        const int64_t e = kp[m + 1];
+        if (k == e) continue;
+        A* o = out + (m - m_begin) * T;
+        reg a[U], b[U];
+        for (int u = 0; u < U; u++) { a[u] = V::load(o + u * W); b[u] = V::zero(); }
+        for (; k + 3 < e; k += 4) {
+          const reg v4 = V::load4(vals + k);
+          const A* p0 = inT + (int64_t)col[k] * T;
+          const A* p1 = inT + (int64_t)col[k + 1] * T;
+          const A* p2 = inT + (int64_t)col[k + 2] * T;
+          const A* p3 = inT + (int64_t)col[k + 3] * T;
+          const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
+          for (int u = 0; u < U; u++) {
+            a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+            b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
+          }
+          const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
+          for (int u = 0; u < U; u++) {
+            a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
+            b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
+          }
+        }
+        for (; k < e; k++) {
+          const reg v0 = V::set1(vals[k]);
+          const A* p0 = inT + (int64_t)col[k] * T;
+          for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+        }
+        for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
+      }
+    }
+  }
+
   static void rows(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out,
                    Prefetch* pf = nullptr) {
     const A* vals = static_cast<const A*>(S.values);
-    if (S.bh == 1 && S.bw == 1)
+    if (S.kptr)
+      csr_rows_kblocked(S, m_begin, m_end, inT, out, pf);
+    else if (S.bh == 1 && S.bw == 1)
       csr_rows(vals, S.crow, S.col, m_begin, m_end, inT, out, pf);
     else
       bsr_rows(vals, S.crow, S.col, S.bh, S.bw, m_begin, m_end, inT, out, pf);
@@ -449,10 +497,7 @@ struct Kern {
           pf.plan(a.E.rows);
           load_tile<S>(dy + n0 * a.lddy, a.lddy, nt, a.M, dyT, A(1), false);
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
-          if (a.E.rows_are_x)
-            sddmm_rows(a.E, xT, dyT, g, &pf);
-          else
-            sddmm_rows(a.E, dyT, xT, g, &pf);
+          sddmm_rows(a.E, dyT, xT, g, &pf);
         }
       }
     }
@@ -572,18 +617,12 @@ struct Kern {
           lane_sums(gT, a.d_out, gub);
           load_tile<S>(hid + n0 * a.ldh, a.ldh, nt, a.r, hT, A(1), false);
           act_fwd(hT, aT, a.r * T, a.act);
-          if (a.up_e.rows_are_x)
-            sddmm_rows(a.up_e, aT, gT, g_up, &pf);
-          else
-            sddmm_rows(a.up_e, gT, aT, g_up, &pf);
+          sddmm_rows(a.up_e, gT, aT, g_up, &pf);
           rows(a.up_t, 0, a.r, gT, dT, &pf);
           act_bwd(hT, dT, a.r * T, a.act);
           lane_sums(dT, a.r, gdb);
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
-          if (a.down_e.rows_are_x)
-            sddmm_rows(a.down_e, xT, dT, g_down, &pf);
-          else
-            sddmm_rows(a.down_e, dT, xT, g_down, &pf);
+          sddmm_rows(a.down_e, dT, xT, g_down, &pf);
           rows_to_tokens<S>(a.down_t, dT, chunk, nt, static_cast<S*>(a.grad_x) + n0 * a.d, a.d, nullptr, A(1),
                             nullptr, 0, &pf);
         }

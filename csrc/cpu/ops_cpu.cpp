@@ -266,70 +266,29 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
 }
 
 // The SDDMM entries of a CSR/BSR structure with block rows (crow, col) of bh x bw blocks over an
-// element matrix [M, K], grouped in the orientation with fewer rows (longer rows: the row operand
-// stays in registers over more entries). The transposed orientation uses (t_crow, t_row, t_perm) when
-// given (validated), else a counting sort here (O(nnz), no densifying).
+// element matrix [M, K], by element rows (BSR expanded to elements; entry e of element row i has
+// column bcol[e] and value / output position oidx[e]). Always this "natural" orientation: its
+// entries index the tile of the K side, and measured on this machine it beat grouping by columns
+// (longer rows but scattered outputs and a bigger indexed tile) in every case we tried.
 struct EntryHolder {
   EntryRows E;
   Tensor rptr, bcol, oidx;
 };
 
-EntryHolder entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_t bw, int64_t M, int64_t K,
-                       const Tensor* t_crow, const Tensor* t_row, const Tensor* t_perm) {
+EntryHolder entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_t bw, int64_t M) {
   EntryHolder h;
   const int64_t nb = col.numel(), nnz = nb * bh * bw;
-  const int64_t block_rows = M / bh, block_cols = K / bw;
-  const bool transposed = K < M;
+  const int64_t block_rows = M / bh;
   h.E.nnz = nnz;
-  h.E.rows_are_x = transposed;
-  h.E.rows = transposed ? K : M;
+  h.E.rows = M;
   const int32_t* cr = crow.data_ptr<int32_t>();
   const int32_t* cl = col.data_ptr<int32_t>();
-  if (!transposed && bh == 1 && bw == 1) {
+  if (bh == 1 && bw == 1) {
     h.E.rptr = cr;
     h.E.bcol = cl;
     return h;
   }
-  // block-level transpose (t_crow over block columns, t_row = block row, t_perm = block index)
-  const int32_t *tcr = nullptr, *trw = nullptr, *tpm = nullptr;
-  Tensor tc, tr, tp;
-  if (transposed) {
-    if (t_crow && t_row && t_perm) {
-      tcr = t_crow->data_ptr<int32_t>();
-      trw = t_row->data_ptr<int32_t>();
-      tpm = t_perm->data_ptr<int32_t>();
-    } else {
-      tc = at::zeros({block_cols + 1}, at::kInt);
-      tr = at::empty({nb}, at::kInt);
-      tp = at::empty({nb}, at::kInt);
-      int32_t* c = tc.data_ptr<int32_t>();
-      for (int64_t b = 0; b < nb; b++) c[cl[b] + 1]++;
-      for (int64_t i = 0; i < block_cols; i++) c[i + 1] += c[i];
-      std::vector<int32_t> next(c, c + block_cols);
-      int32_t* r = tr.data_ptr<int32_t>();
-      int32_t* p = tp.data_ptr<int32_t>();
-      for (int64_t br = 0; br < block_rows; br++)
-        for (int32_t b = cr[br]; b < cr[br + 1]; b++) {
-          const int32_t pos = next[cl[b]]++;
-          r[pos] = (int32_t)br;
-          p[pos] = b;
-        }
-      tcr = c;
-      trw = r;
-      tpm = p;
-    }
-    if (bh == 1 && bw == 1) {
-      h.E.rptr = tcr;
-      h.E.bcol = trw;
-      h.E.oidx = tpm;
-      h.rptr = tc;  // keep the computed arrays alive (undefined when given)
-      h.bcol = tr;
-      h.oidx = tp;
-      return h;
-    }
-  }
-  // expand blocks into element entries
-  h.rptr = at::empty({h.E.rows + 1}, at::kInt);
+  h.rptr = at::empty({M + 1}, at::kInt);
   h.bcol = at::empty({nnz}, at::kInt);
   h.oidx = at::empty({nnz}, at::kInt);
   int32_t* rp = h.rptr.data_ptr<int32_t>();
@@ -337,29 +296,15 @@ EntryHolder entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_
   int32_t* oi = h.oidx.data_ptr<int32_t>();
   int64_t e = 0, row = 0;
   const int64_t bsz = bh * bw;
-  if (!transposed) {
-    for (int64_t br = 0; br < block_rows; br++)
-      for (int64_t i = 0; i < bh; i++) {
-        rp[row++] = (int32_t)e;
-        for (int32_t b = cr[br]; b < cr[br + 1]; b++)
-          for (int64_t j = 0; j < bw; j++) {
-            bc[e] = (int32_t)(cl[b] * bw + j);
-            oi[e++] = (int32_t)(b * bsz + i * bw + j);
-          }
-      }
-  } else {
-    for (int64_t bcix = 0; bcix < block_cols; bcix++)
-      for (int64_t j = 0; j < bw; j++) {
-        rp[row++] = (int32_t)e;
-        for (int32_t q = tcr[bcix]; q < tcr[bcix + 1]; q++) {
-          const int64_t b = tpm[q], br = trw[q];
-          for (int64_t i = 0; i < bh; i++) {
-            bc[e] = (int32_t)(br * bh + i);
-            oi[e++] = (int32_t)(b * bsz + i * bw + j);
-          }
+  for (int64_t br = 0; br < block_rows; br++)
+    for (int64_t i = 0; i < bh; i++) {
+      rp[row++] = (int32_t)e;
+      for (int32_t b = cr[br]; b < cr[br + 1]; b++)
+        for (int64_t j = 0; j < bw; j++) {
+          bc[e] = (int32_t)(cl[b] * bw + j);
+          oi[e++] = (int32_t)(b * bsz + i * bw + j);
         }
-      }
-  }
+    }
   rp[row] = (int32_t)e;
   h.E.rptr = rp;
   h.E.bcol = bc;
@@ -388,6 +333,59 @@ void check_transpose_consistent(const char* op, const std::string& prefix, const
                   "t_perm: expected the transpose of the weight's structure, got entry ", q, " -> stored entry ", b,
                   " at (", row_of[b], ", ", cl[b], ") but listed at (", trw[q], ", ", c, ")");
     }
+}
+
+// K-blocking (see SparseOperand::kptr): worth it when the indexed tile is too big for L1 (more than
+// 256 features at 32 tokens) and rows are long enough to amortize one more loop per chunk.
+constexpr int64_t KCHUNK = 128;
+
+bool want_kblock(int64_t n_cols, int64_t rows, int64_t nnz) {
+  const char* xv = std::getenv("SAK_CPU_X");
+  if (xv && std::atoi(xv) == 5) return false;
+  return n_cols > 256 && rows > 0 && nnz / rows >= 64;
+}
+
+struct KBlocked {
+  Tensor values, col, kptr;
+};
+
+// Regroup a CSR operand (values already prepared) chunk-major for csr_rows_kblocked.
+KBlocked kblock_operand(SparseOperand& op, int64_t n_cols, const Tensor& prepared_values) {
+  KBlocked kb;
+  const int64_t M = op.rows(), nnz = op.nblocks, nch = (n_cols + KCHUNK - 1) / KCHUNK;
+  kb.values = at::empty({nnz}, prepared_values.options());
+  kb.col = at::empty({nnz}, at::kInt);
+  kb.kptr = at::empty({nch * (M + 1)}, at::kInt);
+  int32_t* kp = kb.kptr.data_ptr<int32_t>();
+  int32_t* kc = kb.col.data_ptr<int32_t>();
+  const int32_t* cr = op.crow;
+  const int32_t* cl = op.col;
+  std::vector<int32_t> cursor(cr, cr + M);
+  const size_t esz = prepared_values.element_size();
+  const char* vin = static_cast<const char*>(op.values);
+  char* vout = static_cast<char*>(kb.values.data_ptr());
+  int64_t e = 0;
+  for (int64_t c = 0; c < nch; c++) {
+    const int64_t hi = (c + 1) * KCHUNK;
+    for (int64_t m = 0; m < M; m++) {
+      kp[c * (M + 1) + m] = (int32_t)e;
+      // entries of row m with column < hi; rows need not be sorted, so scan the rest of the row
+      for (int32_t k = cursor[m]; k < cr[m + 1]; k++) {
+        if (cl[k] < hi && cl[k] >= c * KCHUNK) {
+          kc[e] = cl[k];
+          std::memcpy(vout + e * esz, vin + (size_t)k * esz, esz);
+          e++;
+        }
+      }
+      while (cursor[m] < cr[m + 1] && cl[cursor[m]] < hi && cl[cursor[m]] >= c * KCHUNK) cursor[m]++;
+    }
+    kp[c * (M + 1) + M] = (int32_t)e;
+  }
+  op.values = vout;
+  op.col = kc;
+  op.kptr = kp;
+  op.kchunks = nch;
+  return kb;
 }
 
 // Shape-only checks of transpose metadata that the forward carries for the backward.
@@ -430,6 +428,8 @@ Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Te
   Tensor y = at::empty({N, M}, x.options());
   if (N == 0 || M == 0) return y;
   if (A.op.nblocks == 0) return y.zero_();
+  KBlocked kb;
+  if (!want_bsr && want_kblock(x.size(1), M, A.op.nblocks)) kb = kblock_operand(A.op, x.size(1), A.values_holder);
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
              make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)))};
   kernels_for(dt)->spmm(a);
@@ -467,9 +467,9 @@ Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tenso
   Tensor out = bsr ? at::empty({nb, bh, bw}, dy.options()) : at::empty({nb}, dy.options());
   if (nb == 0) return out;
   if (N == 0) return out.zero_();
-  EntryHolder H = entry_rows(crow, col, bh, bw, M, K, nullptr, nullptr, nullptr);
+  EntryHolder H = entry_rows(crow, col, bh, bw, M);
   SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), H.E, out.data_ptr(),
-              make_config(work_of(N, H.E.nnz, M + K), tile_for(H.E.rows_are_x ? M : K))};
+              make_config(work_of(N, H.E.nnz, M + K), tile_for(K))};
   kernels_for(dt)->sddmm(a);
   return out;
 }
@@ -540,6 +540,8 @@ std::tuple<Tensor, Tensor> fused_adapter(
   Tensor out = at::empty({N, d_out}, x.options());
   Tensor hidden = at::empty({N, r}, x.options());
   if (N == 0) return {out, hidden};
+  KBlocked kbd;
+  if (D.op.bh == 1 && D.op.bw == 1 && want_kblock(d, r, D.op.nblocks)) kbd = kblock_operand(D.op, d, D.values_holder);
   FusedFwdArgs a;
   a.dtype = dt;
   a.N = N; a.d = d; a.r = r; a.d_out = d_out;
@@ -585,8 +587,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
               " entries (block columns + 1), got ", down_t_crow.numel(), " and ", up_t_crow.numel());
   check_transpose_consistent(op, "down_", down_crow, down_col, down_t_crow, down_t_row, down_t_perm);
   check_transpose_consistent(op, "up_", up_crow, up_col, up_t_crow, up_t_row, up_t_perm);
-  EntryHolder De = entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r, d, &down_t_crow, &down_t_row, &down_t_perm);
-  EntryHolder Ue = entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out, r, &up_t_crow, &up_t_row, &up_t_perm);
+  EntryHolder De = entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r);
+  EntryHolder Ue = entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out);
+  KBlocked kbut;
+  if (Ut.op.bh == 1 && Ut.op.bw == 1 && want_kblock(d_out, r, Ut.op.nblocks)) kbut = kblock_operand(Ut.op, d_out, Ut.values_holder);
   check_matrix(op, "grad_out", grad_out, "[N, d_out]");
   check_matrix(op, "hidden", hidden, "[N, r]");
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
