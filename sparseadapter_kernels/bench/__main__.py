@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for paths in plots.values():
         lines += [f"wrote {p}" for p in paths]
     if runner.min_scale < 1:
-        lines.append(f"note: to stay within --time-budget {cfg.time_budget:g} s the time per measurement was cut "
+        lines.append(f"note: to stay within the time budget ({cfg.time_budget:.0f} s for the sweep) the time per measurement was cut "
                      f"to {runner.min_scale:.0%} at most (see budget_scale in the results); the machine is "
                      "slower or busier than expected")
     lines.append(f"done in {results['elapsed_s']:.0f} s")

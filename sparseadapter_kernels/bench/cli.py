@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_nonneg_int, default=None,
                    help=f"untimed calls before timing (default: {S.DEFAULT_WARMUP}; at least 1 runs)")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help=f"seconds for the timed sweep: past it, measurements get fewer calls (default: "
-                        f"{S.DEFAULT_TIME_BUDGET:g}; 0 = no limit)")
+                   help=f"seconds for the whole run: when the sweep projects past it, measurements get less time, "
+                        f"down to 3 calls (default: {S.DEFAULT_TIME_BUDGET:g}; 0 = no limit)")
     t.add_argument("--buffers", type=_nonneg_int, default=0,
                    help="rotating input buffers (default: 0 = enough to exceed the caches)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -242,9 +242,14 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         min_repeats=pick(args.min_repeats, "min_repeats", S.DEFAULT_MIN_REPEATS),
         max_time=pick(args.max_time, "max_time", S.DEFAULT_MAX_TIME), buffers=args.buffers, seed=args.seed,
         torch_sparse=args.torch_sparse,
-        time_budget=S.DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget)
-    if cfg.time_budget < 0:
-        parser.error(f"--time-budget {cfg.time_budget:g}: must be >= 0 (0 = no limit)")
+        time_budget=0.0)
+    total = S.DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget
+    if total < 0:
+        parser.error(f"--time-budget {total:g}: must be >= 0 (0 = no limit)")
+    if total > 0:
+        reserve = (S.BUDGET_RESERVE_S["memory"] if "memory" in suites else 0.0) + \
+            (S.BUDGET_RESERVE_S["plots"] if args.plots else 0.0)
+        cfg.time_budget = max(0.5 * total, total - reserve)
     if cfg.min_repeats > cfg.repeats:
         parser.error(f"--min-repeats {cfg.min_repeats} is larger than --repeats {cfg.repeats}")
     if "bsr" in layouts:
