@@ -56,12 +56,33 @@ def op(name: str):
     return deco
 
 
+# fp32 products when torch's TF32 switch is off: "tf32x3" (three TF32 tensor-core products, error at
+# fp32 rounding level) or "ieee" (exact fp32 FMAs: its tl.dot code grows with the tile; at 64- and
+# 128-wide blocks the sm_90 compile of the tuned tiles takes minutes and spills kilobytes per thread).
+FP32_PRECISION = os.environ.get("SAK_TRITON_FP32_PRECISION", "tf32x3")
+FP32_MAX_BLOCK_N = 64   # fp32 tiles hold twice the bytes: the larger token tiles spill on sm_90
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of ``tl.dot``: fp32 follows torch's own TF32 switch (off by default), so a
-    float32 adapter matches float32 PyTorch; fp16/bf16 ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+    """``input_precision`` of ``tl.dot``. fp32 follows torch's TF32 switch: "tf32" when it is on, else
+    FP32_PRECISION (fp32-level accuracy); fp16/bf16 ignore it."""
+    if dtype == torch.float32:
+        if torch.backends.cuda.matmul.allow_tf32:
+            return "tf32"
+        if FP32_PRECISION not in ("tf32x3", "ieee"):
+            raise ValueError(f"SAK_TRITON_FP32_PRECISION: expected 'tf32x3' or 'ieee', got {FP32_PRECISION!r}")
+        return FP32_PRECISION
     return "tf32"
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of every autotuned kernel: fp32 (PREC "tf32x3"/"ieee") keeps the token
+    tiles up to FP32_MAX_BLOCK_N (the larger ones spill and only lengthen tuning)."""
+    prec = kwargs.get("PREC", named_args.get("PREC"))
+    if prec in ("tf32x3", "ieee"):
+        small = [c for c in configs if c.kwargs["BLOCK_N"] <= FP32_MAX_BLOCK_N]
+        return small or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+    return configs
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (configs, dot_precision, mma, n_bucket, nonempty, op, sm_count, traced_under_interpreter,
-                      upcast_dot)
+from ._common import (configs, dot_precision, mma, n_bucket, nonempty, op, prune_configs, sm_count,
+                      traced_under_interpreter, upcast_dot)
 
 # ---------------------------------------------------------------------------------------------
 # Tuning constants: (BLOCK_N, num_warps, num_stages); BLOCK_N = tokens per program.
@@ -33,7 +33,8 @@ SDDMM_WAVES = 4                  # aim for this many programs per multiprocessor
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=configs(MM_CONFIGS), key=["N_BUCKET", "K", "M", "BH", "BW", "TRANS"])
+@triton.autotune(configs=configs(MM_CONFIGS), key=["N_BUCKET", "K", "M", "BH", "BW", "TRANS"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _bsr_mm_kernel(X, V, CROW, COL, PERM, Y, N, K, M, N_BLOCK_ROWS, stride_x, stride_y, N_BUCKET,
                    BH: tl.constexpr, BW: tl.constexpr, TRANS: tl.constexpr, OUT_B: tl.constexpr,
@@ -77,7 +78,8 @@ def _bsr_mm_kernel(X, V, CROW, COL, PERM, Y, N, K, M, N_BLOCK_ROWS, stride_x, st
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=rmask[:, None])
 
 
-@triton.autotune(configs=configs(SDDMM_CONFIGS), key=["N_BUCKET", "BH", "BW", "SPLIT"])
+@triton.autotune(configs=configs(SDDMM_CONFIGS), key=["N_BUCKET", "BH", "BW", "SPLIT"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _bsr_sddmm_kernel(DY, X, ROW, COL, P, N, NBLOCKS, rows_per_split, stride_dy, stride_x, N_BUCKET, SPLIT,
                       BH: tl.constexpr, BW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,

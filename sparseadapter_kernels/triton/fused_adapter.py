@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .. import reference
 from ._common import (ACT_CODES, activation, activation_grad, configs, dot_precision, mma, n_bucket, nonempty, op,
-                      traced_under_interpreter, upcast_dot)
+                      prune_configs, traced_under_interpreter, upcast_dot)
 from .bsr_linear import bsr_sddmm
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ WGRAD_ATOMIC_MAX_N = 4096
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=configs(FWD_CONFIGS),
+@triton.autotune(configs=configs(FWD_CONFIGS), prune_configs_by={"early_config_prune": prune_configs},
                  key=["N_BUCKET", "D", "R", "DOUT", "BHD", "BWD", "BHU", "BWU", "DENSE", "ACT"])
 @triton.jit
 def _fused_adapter_fwd_kernel(
@@ -149,7 +149,7 @@ def _fused_adapter_fwd_kernel(
                  mask=rmask[:, None])
 
 
-@triton.autotune(configs=configs(BWD_CONFIGS),
+@triton.autotune(configs=configs(BWD_CONFIGS), prune_configs_by={"early_config_prune": prune_configs},
                  key=["N_BUCKET", "D", "R", "DOUT", "BHD", "BWD", "BHU", "BWU", "DENSE", "ACT", "WGRAD_ATOMIC"],
                  reset_to_zero=["DVACC", "DBACC", "UVACC", "UBACC"])
 @triton.jit
