@@ -222,27 +222,72 @@ def suite_adapter(args, dtypes, sparsities, r=R, name="adapter", dense_r=None, l
 
 
 def suite_crossover(args) -> List[dict]:
-    """Density sweep of sparse_linear / sparse_adapter (forward) for the dispatch table."""
+    """Density sweep for the dispatch table: the kernel (backend="cpu") against what ``auto`` runs
+    otherwise (backend="reference": dense math on the masked weight), for sparse_linear and
+    sparse_adapter forward, at several token counts and both projection shapes."""
     cases = []
-    densities = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-    shapes = [(args.n, (R, D)), (args.n, (D, R)), (64, (R, D)), (64, (D, R)), (1, (R, D))]
+    densities = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
     for dtype in (torch.float32, torch.bfloat16):
         for layout, block in (("csr", None), ("bsr", (16, 16)), ("bsr", (32, 32))):
-            for n, shape in shapes:
-                xs = fresh((n, shape[1]), dtype, args.rotate, seed=1)
+            for n in (args.n, 256, 16, 1):
+                reps = args.reps if n >= 256 else args.reps * 4
+                for shape in ((R, D), (D, R)):
+                    xs = fresh((n, shape[1]), dtype, args.rotate, seed=1)
+                    for dens in densities:
+                        w, wm, _ = make_weight(shape, 1 - dens, dtype, layout, block)
+                        cands = {"reference": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w, backend="reference"),
+                                 "cpu": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w, backend="cpu")}
+                        verify("crossover", cands["cpu"](0), cands["reference"](0), dtype)
+                        res = interleaved(cands, reps, args.warmup, "reference")
+                        cases.append({"suite": "crossover", "op": "linear", "dtype": str(dtype).split(".")[-1],
+                                      "layout": layout, "block": block,
+                                      "shape": {"N": n, "out": shape[0], "in": shape[1]},
+                                      "sparsity": 1 - dens, "density": w.density, "results": res})
+                        report(cases[-1], baseline="reference")
+                xs = fresh((n, D), dtype, args.rotate, seed=1)
                 for dens in densities:
-                    w, wm, _ = make_weight(shape, 1 - dens, dtype, layout, block)
-                    wm = wm.contiguous()
-                    cands = {"dense": lambda i: xs[i % len(xs)] @ wm.T,
-                             "cpu": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w, backend="cpu")}
-                    verify("crossover", cands["cpu"](0), cands["dense"](0), dtype)
-                    reps = args.reps if n > 64 else args.reps * 4
-                    res = interleaved(cands, reps, args.warmup, "dense")
-                    cases.append({"suite": "crossover", "op": "linear forward", "dtype": str(dtype).split(".")[-1],
-                                  "layout": layout, "block": block, "shape": {"N": n, "out": shape[0], "in": shape[1]},
-                                  "sparsity": 1 - dens, "density": w.density, "results": res})
-                    report(cases[-1])
+                    down, _, _ = make_weight((R, D), 1 - dens, dtype, layout, block, seed=3)
+                    up, _, _ = make_weight((D, R), 1 - dens, dtype, layout, block, seed=4)
+
+                    def adapter(backend, i):
+                        x = xs[i % len(xs)]
+                        return sak.ops.sparse_adapter(x, down, up, activation=args.activation, residual=x,
+                                                      backend=backend)
+
+                    cands = {"reference": lambda i: adapter("reference", i), "cpu": lambda i: adapter("cpu", i)}
+                    verify("crossover adapter", cands["cpu"](0), cands["reference"](0), dtype)
+                    res = interleaved(cands, reps, args.warmup, "reference")
+                    cases.append({"suite": "crossover", "op": "adapter", "dtype": str(dtype).split(".")[-1],
+                                  "layout": layout, "block": block, "shape": {"N": n, "d": D, "r": R},
+                                  "sparsity": 1 - dens, "density": down.density, "results": res})
+                    report(cases[-1], baseline="reference")
+    cases.append({"suite": "crossover_table", "table": crossover_table(cases)})
+    print("crossover table:", json.dumps(cases[-1]["table"], indent=1))
     return cases
+
+
+def crossover_table(cases, margin=1.15) -> Dict[str, float]:
+    """Per (dtype, layout, op): the highest density at which the kernel beat the dense path by at least
+    ``margin`` at every measured token count and shape (and at every lower density too)."""
+    groups: Dict[tuple, Dict[float, bool]] = {}
+    for c in cases:
+        if c["suite"] != "crossover":
+            continue
+        layout = c["layout"] + (f"{c['block'][0]}x{c['block'][1]}" if c["block"] else "")
+        key = (c["dtype"], layout, c["op"])
+        ok = c["results"]["cpu"]["speedup_vs_reference"] >= margin
+        dens = round(1 - c["sparsity"], 4)
+        groups.setdefault(key, {})
+        groups[key][dens] = groups[key].get(dens, True) and ok
+    table = {}
+    for key, by_density in groups.items():
+        best = 0.0
+        for dens in sorted(by_density):
+            if not by_density[dens]:
+                break
+            best = dens
+        table["/".join(key)] = best
+    return table
 
 
 # -------------------------------------------------------------------------------------------------

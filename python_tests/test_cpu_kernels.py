@@ -545,3 +545,24 @@ def test_bad_isa_env(monkeypatch):
     monkeypatch.setenv("SAK_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match=r"SAK_CPU_ISA: expected one of auto, avx512, avx2, generic, got 'sse9'"):
         lib.csr_spmm(rand(3, 24), w.values, w.crow_indices, w.col_indices, None)
+
+
+def test_auto_uses_the_measured_crossover():
+    """'auto' runs the kernels only at or below the measured crossover density, else dense math."""
+    from sparseadapter_kernels import dispatch
+
+    assert "cpu" in sak.available_backends()
+    sparse = make_weight((64, 768), 0.9, torch.float32, "csr", None)
+    dense_ish = make_weight((64, 768), 0.0, torch.float32, "csr", None)
+    x = rand(8, 768)
+    limit = dispatch.CROSSOVER.get(("cpu", torch.float32, "csr", "linear", "cpu"))
+    assert limit is not None, "the CPU crossover table has no fp32 CSR entry"
+    assert dispatch.choose_backend(x, sparse, "linear") == ("cpu" if sparse.density <= limit else "reference")
+    assert dispatch.choose_backend(x, sparse, "linear") == "cpu"
+    assert dispatch.choose_backend(x, dense_ish, "linear") == "reference"
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("csr", "bsr"):
+            for op in ("linear", "adapter"):
+                assert 0 < dispatch.CROSSOVER[("cpu", dtype, layout, op, "cpu")] < 1
+    torch.testing.assert_close(sak.ops.sparse_linear(x, sparse, backend="auto"),
+                               sak.ops.sparse_linear(x, sparse, backend="reference"), atol=1e-4, rtol=1e-4)

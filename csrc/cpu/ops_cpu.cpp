@@ -77,9 +77,10 @@ const KernelTable* kernels_for(DType dt) {
 // would spill L2 traffic into every access). Measured in benchmarks/results (docs/cpu_kernels.md).
 int tile_for(int64_t indexed_features) { return indexed_features <= 256 ? 64 : 32; }
 
-Config make_config(int64_t work, int default_tile) {
+Config make_config(int64_t work, int default_tile, int64_t N) {
   Config c;
-  c.tile = default_tile;
+  // a few tokens: the smallest tile that holds them (padded tokens cost as much as real ones)
+  c.tile = N <= 16 ? 16 : (N <= 32 && default_tile > 32 ? 32 : default_tile);
   const char* pf = std::getenv("SAK_CPU_PREFETCH");
   c.prefetch = !(pf && std::strcmp(pf, "0") == 0);
   const char* nt = std::getenv("SAK_CPU_STREAM");
@@ -429,9 +430,9 @@ Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Te
   if (N == 0 || M == 0) return y;
   if (A.op.nblocks == 0) return y.zero_();
   KBlocked kb;
-  if (!want_bsr && want_kblock(x.size(1), M, A.op.nblocks)) kb = kblock_operand(A.op, x.size(1), A.values_holder);
+  if (!want_bsr && N >= 256 && want_kblock(x.size(1), M, A.op.nblocks)) kb = kblock_operand(A.op, x.size(1), A.values_holder);
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
-             make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)))};
+             make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)), N)};
   kernels_for(dt)->spmm(a);
   return y;
 }
@@ -469,7 +470,7 @@ Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tenso
   if (N == 0) return out.zero_();
   EntryHolder H = entry_rows(crow, col, bh, bw, M);
   SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), H.E, out.data_ptr(),
-              make_config(work_of(N, H.E.nnz, M + K), tile_for(K))};
+              make_config(work_of(N, H.E.nnz, M + K), tile_for(K), N)};
   kernels_for(dt)->sddmm(a);
   return out;
 }
@@ -541,7 +542,7 @@ std::tuple<Tensor, Tensor> fused_adapter(
   Tensor hidden = at::empty({N, r}, x.options());
   if (N == 0) return {out, hidden};
   KBlocked kbd;
-  if (D.op.bh == 1 && D.op.bw == 1 && want_kblock(d, r, D.op.nblocks)) kbd = kblock_operand(D.op, d, D.values_holder);
+  if (N >= 256 && D.op.bh == 1 && D.op.bw == 1 && want_kblock(d, r, D.op.nblocks)) kbd = kblock_operand(D.op, d, D.values_holder);
   FusedFwdArgs a;
   a.dtype = dt;
   a.N = N; a.d = d; a.r = r; a.d_out = d_out;
@@ -555,7 +556,7 @@ std::tuple<Tensor, Tensor> fused_adapter(
   a.scale = scale;
   a.out = out.data_ptr();
   a.hidden = hidden.data_ptr();
-  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 64);
+  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 64, N);
   kernels_for(dt)->fused_fwd(a);
   return {out, hidden};
 }
@@ -590,7 +591,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   EntryHolder De = entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r);
   EntryHolder Ue = entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out);
   KBlocked kbut;
-  if (Ut.op.bh == 1 && Ut.op.bw == 1 && want_kblock(d_out, r, Ut.op.nblocks)) kbut = kblock_operand(Ut.op, d_out, Ut.values_holder);
+  if (N >= 256 && Ut.op.bh == 1 && Ut.op.bw == 1 && want_kblock(d_out, r, Ut.op.nblocks)) kbut = kblock_operand(Ut.op, d_out, Ut.values_holder);
   check_matrix(op, "grad_out", grad_out, "[N, d_out]");
   check_matrix(op, "hidden", hidden, "[N, r]");
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
@@ -621,7 +622,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   a.grad_down_bias = gdb.data_ptr();
   a.grad_up_values = guv.data_ptr();
   a.grad_up_bias = gub.data_ptr();
-  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 32);
+  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 32, N);
   kernels_for(dt)->fused_bwd(a);
   return {gx, gdv, gdb, guv, gub};
 }
