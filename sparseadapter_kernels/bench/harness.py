@@ -66,6 +66,7 @@ class Measurement:
     sparse_weights: bool = True
     flops: int = 0
     bytes: int = 0
+    verify_s: float = 0.0         # duration of the verification call (a cost estimate)
     built: Optional[Built] = dataclasses.field(default=None, repr=False)
     workload: Optional[Workload] = dataclasses.field(default=None, repr=False)
 
@@ -98,7 +99,11 @@ class Runner:
                         flops=wl.useful_flops, bytes=wl.bytes_moved(dtype, impl.sparse_weights))
         try:
             built = impl.build(wl)
+            t0 = time.perf_counter()
             outputs = run_outputs(built, wl)
+            if wl.device.type == "cuda":
+                torch.cuda.synchronize()
+            m.verify_s = time.perf_counter() - t0
         except NotApplicable as exc:
             m.status, m.reason = "n/a", str(exc)
             return m
@@ -133,7 +138,10 @@ class Runner:
         try:
             min_repeats = cfg.min_repeats if self.scale >= 1 else max(min(3, cfg.min_repeats),
                                                                      round(cfg.min_repeats * self.scale))
-            timings = measure_many(steps, p.device, cfg.warmup, cfg.repeats, min_repeats, cfg.max_time * self.scale)
+            # Over budget: the verification call (already a warm-up) estimates the cost, no extra warm-up.
+            warmup = cfg.warmup if self.scale >= 1 else 0
+            timings = measure_many(steps, p.device, warmup, cfg.repeats, min_repeats, cfg.max_time * self.scale,
+                                   costs=[m.verify_s for m in todo])
         except Exception as exc:
             for m in todo:
                 m.status, m.reason = "n/a", "failed while timing: " + _short(exc)

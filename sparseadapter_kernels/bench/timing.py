@@ -5,7 +5,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,11 +29,13 @@ class Timing:
 
 
 def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: str, warmup: int = 2,
-                 repeats: int = 50, min_repeats: int = 5, max_time: float = 0.3) -> List[Timing]:
+                 repeats: int = 50, min_repeats: int = 5, max_time: float = 0.3,
+                 costs: Optional[Sequence[float]] = None) -> List[Timing]:
     """Time several implementations of one problem *interleaved*; one :class:`Timing` per step.
 
     ``steps`` are ``(step, n_buffers)``: ``step(i)`` runs one call on input buffer ``i``. Each step
-    first gets ``warmup`` untimed calls (at least one), which also estimate its cost; it is then timed
+    first gets ``warmup`` untimed calls (at least one, unless ``costs`` already estimates the seconds
+    per call of each step, e.g. from a verification call), which also estimate its cost; it is then timed
     ``clamp(max_time / cost, min_repeats, repeats)`` times, cycling through its input buffers so no
     call finds its inputs hot from the previous one. The timed calls run round-robin (A B C A B C
     ...), so a burst of load from elsewhere on the machine hits every implementation of the row
@@ -43,16 +45,16 @@ def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: s
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     counts = []
-    offset = max(1, warmup)
-    for step, n_buffers in steps:
-        costs = []
+    offset = warmup if (costs is not None and warmup == 0) else max(1, warmup)
+    for k, (step, n_buffers) in enumerate(steps):
+        seen = [] if costs is None else [costs[k]]
         sync()
         for i in range(offset):
             t0 = time.perf_counter()
             step(i % n_buffers)
             sync()
-            costs.append(time.perf_counter() - t0)
-        cost = max(min(costs), 1e-7)
+            seen.append(time.perf_counter() - t0)
+        cost = max(min(seen), 1e-7)
         counts.append(max(1, int(max(min_repeats, min(repeats, max_time / cost)))))
     samples: List[List[float]] = [[] for _ in steps]
     gc_was_enabled = gc.isenabled()
