@@ -49,7 +49,6 @@ struct Config {
   int tile = 0;
   bool prefetch = true;  // software prefetch of the next tile's token rows
   bool stream = false;   // non-temporal stores of full output lines (outputs much larger than cache)
-  int variant = 0;       // experiments (SAK_CPU_X)
 };
 
 // y[N, M] = x[N, K] @ A.T          (x, y in `dtype`, row strides ldx, ldy)

@@ -57,8 +57,6 @@ static Scratch& thread_scratch() {
   return s;
 }
 
-static thread_local int g_variant = 0;  // experiments only
-
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -202,7 +200,7 @@ struct Kern {
       for (int u = 0; u < U; u++) { a[u] = V::zero(); b[u] = V::zero(); }
       int64_t k = crow[m];
       const int64_t e = crow[m + 1];
-      for (; g_variant != 1 && k + 3 < e; k += 4) {
+      for (; k + 3 < e; k += 4) {
         const reg v4 = V::load4(vals + k);
         const A* p0 = inT + (int64_t)col[k] * T;
         const A* p1 = inT + (int64_t)col[k + 1] * T;
@@ -441,7 +439,6 @@ struct Kern {
     S* y = static_cast<S*>(a.y);
 #pragma omp parallel num_threads(nth)
     {
-      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
@@ -476,7 +473,6 @@ struct Kern {
     if (!partial) return;
 #pragma omp parallel num_threads(nth)
     {
-      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
@@ -530,7 +526,6 @@ struct Kern {
     const int64_t rpad = (a.r + W - 1) / W * W;
 #pragma omp parallel num_threads(nth)
     {
-      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
@@ -586,7 +581,6 @@ struct Kern {
     if (!partial) return;
 #pragma omp parallel num_threads(nth)
     {
-      g_variant = a.cfg.variant;
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;

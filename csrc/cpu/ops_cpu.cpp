@@ -85,8 +85,6 @@ Config make_config(int64_t work, int default_tile, int64_t N) {
   c.prefetch = !(pf && std::strcmp(pf, "0") == 0);
   const char* nt = std::getenv("SAK_CPU_STREAM");
   c.stream = nt && std::strcmp(nt, "1") == 0;
-  const char* xv = std::getenv("SAK_CPU_X");
-  c.variant = xv ? std::atoi(xv) : 0;
   c.threads = (at::in_parallel_region() || work < (int64_t)1 << 16) ? 1 : (int)at::get_num_threads();
   const char* env = std::getenv("SAK_CPU_TILE");
   if (env && *env) {
@@ -341,8 +339,6 @@ void check_transpose_consistent(const char* op, const std::string& prefix, const
 constexpr int64_t KCHUNK = 128;
 
 bool want_kblock(int64_t n_cols, int64_t rows, int64_t nnz) {
-  const char* xv = std::getenv("SAK_CPU_X");
-  if (xv && std::atoi(xv) == 5) return false;
   return n_cols > 256 && rows > 0 && nnz / rows >= 64;
 }
 
