@@ -21,7 +21,6 @@ import torch
 
 from .. import ops
 from ..ops import backend_status
-from .shapes import Problem
 from .workload import Workload, activation, dense_forward
 
 # torch.sparse's beta notices would be repeated for every row.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 COLORS = {"torch-dense": "black", "torch-dense-best": "0.55", "reference": "tab:orange", "torch.sparse": "tab:purple",
           "cpu": "tab:blue", "cuda": "tab:green", "triton": "tab:red", "auto": "tab:cyan"}
