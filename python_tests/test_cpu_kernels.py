@@ -38,6 +38,8 @@ if {"avx2", "fma"} <= _FLAGS:
     ISAS.append("avx2")
 if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _FLAGS:
     ISAS.append("avx512")
+    if "avx512_bf16" in _FLAGS:
+        ISAS.append("avx512bf16")
 BEST_ISA = ISAS[-1]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -200,6 +202,22 @@ def test_long_rows_over_many_columns(isa, dtype):
     g = lib.csr_sddmm(rand(33, 16, seed=5), x, w.crow_indices, w.col_indices[perm].contiguous())
     e = ref.sddmm(rand(33, 16, seed=5).double(), x.double(), w.values, w.crow_indices, w.col_indices[perm])
     check(g, e, torch.float32, 33, "unsorted sddmm")
+
+
+def test_bf16_pairs_path(isa):
+    """bf16 CSR with more than 256 input features (the vdpbf16ps path on avx512bf16): odd and empty rows,
+    odd K, token tails, the transpose structure."""
+    for shape in ((37, 301), (300, 40)):
+        w = make_weight(shape, 0.7, torch.bfloat16, "csr", None, empty_rows=2)
+        for n in (1, 31, 33, 70):
+            x = rand(n, shape[1], dtype=torch.bfloat16, seed=n)
+            y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+            check(y, ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices), torch.bfloat16,
+                  shape[1], f"fwd {shape} n={n}")
+            dy = rand(n, shape[0], dtype=torch.bfloat16, seed=n + 1)
+            dx = lib.csr_spmm(dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm)
+            check(dx, ref.spmm(dy.double(), w.values.double(), w.t_crow_indices, w.t_row_indices, w.t_perm),
+                  torch.bfloat16, shape[0], f"dx {shape} n={n}")
 
 
 def test_bf16_rounding_matches_torch():
@@ -543,7 +561,7 @@ def test_bad_input_gives_clear_error(idx):
 def test_bad_isa_env(monkeypatch):
     w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
     monkeypatch.setenv("SAK_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match=r"SAK_CPU_ISA: expected one of auto, avx512, avx2, generic, got 'sse9'"):
+    with pytest.raises(RuntimeError, match=r"SAK_CPU_ISA: expected one of auto, avx512bf16, avx512, avx2, generic, got 'sse9'"):
         lib.csr_spmm(rand(3, 24), w.values, w.crow_indices, w.col_indices, None)
 
 

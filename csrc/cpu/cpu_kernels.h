@@ -29,6 +29,12 @@ struct SparseOperand {
   // values / col point at the regrouped arrays. kptr null: plain CSR.
   const int32_t* kptr = nullptr;
   int64_t kchunks = 0;
+  // bf16 CSR as pairs of consecutive entries of a row (an odd row ends with a (k, k) pair of value
+  // 0): pair p of row m is in [pptr[m], pptr[m+1]), its columns pcol[2p], pcol[2p+1], its two bf16
+  // values packed in pval[p] (first in the low half). Only for kernel tables with wants_bf16_pairs.
+  const int32_t* pptr = nullptr;
+  const int32_t* pcol = nullptr;
+  const uint32_t* pval = nullptr;
   int64_t rows() const { return block_rows * bh; }
   int64_t nnz() const { return nblocks * bh * bw; }
 };
@@ -110,6 +116,7 @@ struct FusedBwdArgs {
 
 struct KernelTable {
   const char* name;
+  bool wants_bf16_pairs;  // spmm takes bf16 CSR operands as pairs (SparseOperand::pptr)
   void (*spmm)(const SpmmArgs&);
   void (*sddmm)(const SddmmArgs&);
   void (*fused_fwd)(const FusedFwdArgs&);
@@ -118,6 +125,7 @@ struct KernelTable {
 
 // nullptr when the file was built for another architecture.
 const KernelTable* avx512_table();
+const KernelTable* avx512bf16_table();
 const KernelTable* avx2_table();
 const KernelTable* generic_table();
 

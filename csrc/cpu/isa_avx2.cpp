@@ -197,7 +197,7 @@ void fused_bwd(const FusedBwdArgs& a) {
 
 namespace sak_cpu {
 const KernelTable* avx2_table() {
-  static const KernelTable table = {"avx2", &avx2::spmm, &avx2::sddmm, &avx2::fused_fwd, &avx2::fused_bwd};
+  static const KernelTable table = {"avx2", false, &avx2::spmm, &avx2::sddmm, &avx2::fused_fwd, &avx2::fused_bwd};
   return &table;
 }
 }  // namespace sak_cpu

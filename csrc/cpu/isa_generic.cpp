@@ -172,7 +172,7 @@ void fused_bwd(const FusedBwdArgs& a) {
 }  // namespace generic
 
 const KernelTable* generic_table() {
-  static const KernelTable table = {"generic", &generic::spmm, &generic::sddmm, &generic::fused_fwd,
+  static const KernelTable table = {"generic", false, &generic::spmm, &generic::sddmm, &generic::fused_fwd,
                                     &generic::fused_bwd};
   return &table;
 }

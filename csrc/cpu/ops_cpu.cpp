@@ -36,6 +36,14 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
@@ -46,6 +54,7 @@ bool cpu_has_avx2() {
 }
 
 const KernelTable* detect_best() {
+  if (avx512bf16_table() && cpu_has_avx512bf16()) return avx512bf16_table();
   if (avx512_table() && cpu_has_avx512()) return avx512_table();
   if (avx2_table() && cpu_has_avx2()) return avx2_table();
   return generic_table();
@@ -61,12 +70,17 @@ const KernelTable* kernels_for(DType dt) {
       TORCH_CHECK(avx2_table() && cpu_has_avx2(), "SAK_CPU_ISA=avx2: this CPU or build has no AVX2/FMA kernels");
       return avx2_table();
     }
+    if (s == "avx512bf16") {
+      TORCH_CHECK(avx512bf16_table() && cpu_has_avx512bf16(),
+                  "SAK_CPU_ISA=avx512bf16: this CPU or build has no AVX-512 BF16 kernels");
+      return avx512bf16_table();
+    }
     if (s == "avx512") {
       TORCH_CHECK(avx512_table() && cpu_has_avx512(),
                   "SAK_CPU_ISA=avx512: this CPU or build has no AVX-512 (F/BW/VL/DQ) kernels");
       return avx512_table();
     }
-    TORCH_CHECK(false, "SAK_CPU_ISA: expected one of auto, avx512, avx2, generic, got '", s, "'");
+    TORCH_CHECK(false, "SAK_CPU_ISA: expected one of auto, avx512bf16, avx512, avx2, generic, got '", s, "'");
   }
   static const KernelTable* best = detect_best();
   return best;
@@ -385,6 +399,44 @@ KBlocked kblock_operand(SparseOperand& op, int64_t n_cols, const Tensor& prepare
   return kb;
 }
 
+// bf16 CSR as pairs of consecutive entries of each row (SparseOperand::pptr), for vdpbf16ps.
+// `bf16_values` are the operand's values in bf16, in the order of op.col.
+struct PairHolder {
+  Tensor pptr, pcol, pval;
+};
+
+PairHolder make_pairs(SparseOperand& op, const Tensor& bf16_values) {
+  PairHolder h;
+  const int64_t M = op.rows();
+  const int32_t* cr = op.crow;
+  const int32_t* cl = op.col;
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(bf16_values.data_ptr());
+  h.pptr = at::empty({M + 1}, at::kInt);
+  int32_t* pp = h.pptr.data_ptr<int32_t>();
+  int64_t np = 0;
+  for (int64_t m = 0; m < M; m++) {
+    pp[m] = (int32_t)np;
+    np += (cr[m + 1] - cr[m] + 1) / 2;
+  }
+  pp[M] = (int32_t)np;
+  h.pcol = at::empty({2 * np}, at::kInt);
+  h.pval = at::empty({np}, at::kInt);
+  int32_t* pc = h.pcol.data_ptr<int32_t>();
+  uint32_t* pv = reinterpret_cast<uint32_t*>(h.pval.data_ptr<int32_t>());
+  int64_t p = 0;
+  for (int64_t m = 0; m < M; m++)
+    for (int32_t k = cr[m]; k < cr[m + 1]; k += 2, p++) {
+      const bool two = k + 1 < cr[m + 1];
+      pc[2 * p] = cl[k];
+      pc[2 * p + 1] = two ? cl[k + 1] : cl[k];
+      pv[p] = (uint32_t)v[k] | ((two ? (uint32_t)v[k + 1] : 0u) << 16);
+    }
+  op.pptr = pp;
+  op.pcol = pc;
+  op.pval = pv;
+  return h;
+}
+
 // Shape-only checks of transpose metadata that the forward carries for the backward.
 void check_t_meta(const char* op, const std::string& prefix, const Tensor& t_crow, const Tensor& t_row,
                   const Tensor& t_perm, int64_t t_block_rows, int64_t nb) {
@@ -425,11 +477,19 @@ Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Te
   Tensor y = at::empty({N, M}, x.options());
   if (N == 0 || M == 0) return y;
   if (A.op.nblocks == 0) return y.zero_();
+  const KernelTable* table = kernels_for(dt);
   KBlocked kb;
-  if (!want_bsr && N >= 256 && want_kblock(x.size(1), M, A.op.nblocks)) kb = kblock_operand(A.op, x.size(1), A.values_holder);
+  PairHolder pairs;
+  // vdpbf16ps pays where the indexed tile is large (it halves its bytes and the loads per entry); with
+  // few input features the product is bound by the output transposes and the fp32 path is as fast.
+  if (dt == DType::bf16 && !want_bsr && table->wants_bf16_pairs && x.size(1) > 256) {
+    pairs = make_pairs(A.op, perm.has_value() && perm->defined() ? values.index_select(0, *perm) : values.contiguous());
+  } else if (!want_bsr && N >= 256 && want_kblock(x.size(1), M, A.op.nblocks)) {
+    kb = kblock_operand(A.op, x.size(1), A.values_holder);
+  }
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
              make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)), N)};
-  kernels_for(dt)->spmm(a);
+  table->spmm(a);
   return y;
 }
 

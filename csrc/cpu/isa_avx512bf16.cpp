@@ -1,0 +1,169 @@
+// AVX-512 BF16 tier: the bf16 CSR spmm through vdpbf16ps (two bf16 multiply-adds per fp32 lane),
+// everything else as the AVX-512 tier. Chosen at run time on CPUs with avx512_bf16 (ops_cpu.cpp).
+//
+// The token tile stays bf16 in scratch (xT16[k][0:32], 64 bytes per feature: half the bytes of the
+// fp32 tile, and cheaper to build: a 32-bit 16x16 transpose of feature pairs plus one vpermt2w per
+// feature row). Each row's entries are taken in pairs (k, k+1): the two feature rows are interleaved
+// with vpunpck{l,h}wd into (x[t, c1], x[t, c2]) pairs and vdpbf16ps adds v1*x[t,c1] + v2*x[t,c2]
+// to the fp32 accumulator of token t, against the broadcast value pair. The interleave permutes the
+// tokens within a row's two accumulators; one vpermt2ps per 16 tokens restores the order.
+// Accumulation is fp32 (vdpbf16ps rounds to nearest even and flushes denormals, like oneDNN's bf16).
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include <omp.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+namespace sak_cpu {
+namespace avx512 {
+void spmm(const SpmmArgs& a);
+void sddmm(const SddmmArgs& a);
+void fused_fwd(const FusedFwdArgs& a);
+void fused_bwd(const FusedBwdArgs& a);
+}  // namespace avx512
+}  // namespace sak_cpu
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace sak_cpu {
+namespace avx512bf16 {
+
+#include "vec_avx512.h"
+
+#include "kernel_body.h"
+
+constexpr int TT = 32;  // tokens per tile
+
+// xT16[k][0:32] <- x[t, k] (t < nt, zero beyond; K padded to even with a zero feature), via PT, the
+// 32-bit transpose of feature pairs: PT[j][t] = (x[t, 2j], x[t, 2j + 1]).
+static void load_tile_bf16(const uint16_t* x, int64_t ldx, int nt, int64_t K, uint32_t* PT, uint16_t* xT16) {
+  const int64_t KP = (K + 1) / 2;
+  for (int t0 = 0; t0 < TT; t0 += 16) {
+    const int rows = (int)imax(0, imin(16, nt - t0));
+    for (int64_t j0 = 0; j0 < KP; j0 += 16) {
+      const int64_t nk = imin(32, K - 2 * j0);
+      const __mmask32 mk = nk >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << nk) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; i++)
+        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mk, x + (int64_t)(t0 + i) * ldx + 2 * j0))
+                        : _mm512_setzero_ps();
+      V::transpose(r);
+      const int np = (int)imin(16, KP - j0);
+      for (int j = 0; j < np; j++) _mm512_store_ps(reinterpret_cast<float*>(PT + (j0 + j) * TT + t0), r[j]);
+    }
+  }
+  const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
+                                        24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+  for (int64_t j = 0; j < KP; j++) {
+    const __m512i p0 = _mm512_load_si512(PT + j * TT);
+    const __m512i p1 = _mm512_load_si512(PT + j * TT + 16);
+    _mm512_store_si512(xT16 + (2 * j) * TT, _mm512_permutex2var_epi16(p0, even, p1));
+    _mm512_store_si512(xT16 + (2 * j + 1) * TT, _mm512_permutex2var_epi16(p0, odd, p1));
+  }
+}
+
+static SAK_INLINE void dp_pair(const uint16_t* xT16, const int32_t* pc, uint32_t pv, __m512& lo, __m512& hi) {
+  const __m512i a = _mm512_load_si512(xT16 + (int64_t)pc[0] * TT);
+  const __m512i b = _mm512_load_si512(xT16 + (int64_t)pc[1] * TT);
+  const __m512i v = _mm512_set1_epi32((int)pv);
+  lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_unpacklo_epi16(a, b), (__m512bh)v);
+  hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(a, b), (__m512bh)v);
+}
+
+// out[m - m_begin][0:32] = sum over the pairs of row m, tokens in natural order
+static void rows_dp(const SparseOperand& S, int64_t m_begin, int64_t m_end, const uint16_t* xT16, float* out) {
+  // accumulator lane i holds token 8 * (i / 4) + i % 4 (lo) or that + 4 (hi)
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t m = m_begin; m < m_end; m++) {
+    __m512 lo0 = _mm512_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+    int64_t p = S.pptr[m];
+    const int64_t e = S.pptr[m + 1];
+    for (; p + 1 < e; p += 2) {
+      dp_pair(xT16, S.pcol + 2 * p, S.pval[p], lo0, hi0);
+      dp_pair(xT16, S.pcol + 2 * p + 2, S.pval[p + 1], lo1, hi1);
+    }
+    if (p < e) dp_pair(xT16, S.pcol + 2 * p, S.pval[p], lo0, hi0);
+    const __m512 lo = _mm512_add_ps(lo0, lo1), hi = _mm512_add_ps(hi0, hi1);
+    float* o = out + (m - m_begin) * TT;
+    _mm512_store_ps(o, _mm512_permutex2var_ps(lo, i0, hi));
+    _mm512_store_ps(o + 16, _mm512_permutex2var_ps(lo, i1, hi));
+  }
+}
+
+static void spmm_dp(const SpmmArgs& a) {
+  using K32 = Kern<V, TT>;
+  const int64_t ntiles = (a.N + TT - 1) / TT;
+  const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  uint16_t* y = static_cast<uint16_t*>(a.y);
+  const int64_t KP = (a.K + 1) / 2, M = a.A.rows();
+#pragma omp parallel num_threads(nth)
+  {
+    Scratch& scratch = thread_scratch();
+    const int tid = omp_get_thread_num();
+    int64_t tb, te;
+    split_range(ntiles, tid, omp_get_num_threads(), tb, te);
+    const size_t pt_bytes = (size_t)KP * TT * 4, xt_bytes = (size_t)2 * KP * TT * 2;
+    char* base = static_cast<char*>(scratch.get(pt_bytes + xt_bytes + (size_t)16 * TT * 4));
+    if (base) {
+      uint32_t* PT = reinterpret_cast<uint32_t*>(base);
+      uint16_t* xT16 = reinterpret_cast<uint16_t*>(base + pt_bytes);
+      float* chunk = reinterpret_cast<float*>(base + pt_bytes + xt_bytes);
+      for (int64_t t = tb; t < te; t++) {
+        const int64_t n0 = t * TT;
+        const int nt = (int)imin(TT, a.N - n0);
+        load_tile_bf16(x + n0 * a.ldx, a.ldx, nt, a.K, PT, xT16);
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+          const int rws = (int)imin(16, M - m0);
+          rows_dp(a.A, m0, m0 + rws, xT16, chunk);
+          K32::store_tile<bf16_t>(chunk, rws, m0, nt, y + n0 * a.ldy, a.ldy, nullptr, 1.0f, nullptr, 0);
+        }
+      }
+    }
+  }
+}
+
+void spmm(const SpmmArgs& a) {
+  if (a.dtype == DType::bf16 && a.A.pptr) spmm_dp(a);
+  else avx512::spmm(a);
+}
+
+}  // namespace avx512bf16
+}  // namespace sak_cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace sak_cpu {
+const KernelTable* avx512bf16_table() {
+  static const KernelTable table = {"avx512bf16", true, &avx512bf16::spmm, &avx512::sddmm, &avx512::fused_fwd,
+                                    &avx512::fused_bwd};
+  return &table;
+}
+}  // namespace sak_cpu
+
+#else
+
+namespace sak_cpu {
+const KernelTable* avx512bf16_table() { return nullptr; }
+}  // namespace sak_cpu
+
+#endif
