@@ -41,6 +41,7 @@ void fused_bwd(const FusedBwdArgs& a);
 namespace sak_cpu {
 namespace avx512bf16 {
 
+#define SAK_AVX512_NATIVE_BF16 1
 #include "vec_avx512.h"
 
 #include "kernel_body.h"
@@ -138,9 +139,24 @@ static void spmm_dp(const SpmmArgs& a) {
   }
 }
 
+// bf16 everywhere through this file (native fp32 -> bf16 conversion on every store), fp32 through
+// the AVX-512 tier.
 void spmm(const SpmmArgs& a) {
-  if (a.dtype == DType::bf16 && a.A.pptr) spmm_dp(a);
-  else avx512::spmm(a);
+  if (a.dtype != DType::bf16) avx512::spmm(a);
+  else if (a.A.pptr) spmm_dp(a);
+  else Entry<V>::spmm<bf16_t>(a);
+}
+void sddmm(const SddmmArgs& a) {
+  if (a.dtype == DType::bf16) Entry<V>::sddmm<bf16_t>(a);
+  else avx512::sddmm(a);
+}
+void fused_fwd(const FusedFwdArgs& a) {
+  if (a.dtype == DType::bf16) Entry<V>::fused_fwd<bf16_t>(a);
+  else avx512::fused_fwd(a);
+}
+void fused_bwd(const FusedBwdArgs& a) {
+  if (a.dtype == DType::bf16) Entry<V>::fused_bwd<bf16_t>(a);
+  else avx512::fused_bwd(a);
 }
 
 }  // namespace avx512bf16
@@ -154,8 +170,8 @@ void spmm(const SpmmArgs& a) {
 
 namespace sak_cpu {
 const KernelTable* avx512bf16_table() {
-  static const KernelTable table = {"avx512bf16", true, &avx512bf16::spmm, &avx512::sddmm, &avx512::fused_fwd,
-                                    &avx512::fused_bwd};
+  static const KernelTable table = {"avx512bf16", true, &avx512bf16::spmm, &avx512bf16::sddmm,
+                                    &avx512bf16::fused_fwd, &avx512bf16::fused_bwd};
   return &table;
 }
 }  // namespace sak_cpu

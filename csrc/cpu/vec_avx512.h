@@ -44,6 +44,10 @@ struct V {
     __m256i h = n >= W ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(lanes(n), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+#ifdef SAK_AVX512_NATIVE_BF16
+  // fp32 -> bf16 with vcvtneps2bf16: round to nearest even (denormal inputs flush to zero)
+  static SAK_INLINE __m256i to_bf16(reg v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+#else
   // fp32 -> bf16, round to nearest even, NaN stays (quiet) NaN: what c10::BFloat16 does.
   static SAK_INLINE __m256i to_bf16(reg v) {
     const __m512i u = _mm512_castps_si512(v);
@@ -53,6 +57,7 @@ struct V {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
   }
+#endif
   static SAK_INLINE void store_n(uint16_t* p, reg v, int n) {
     const __m256i h = to_bf16(v);
     if (n >= W) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
