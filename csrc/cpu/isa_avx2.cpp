@@ -1,5 +1,6 @@
 // AVX2 + FMA kernels: 8 fp32 lanes, 16 registers. Chosen at run time on x86-64 CPUs without
 // AVX-512 (or with SAK_CPU_ISA=avx2). Headers first, then `#pragma GCC target` (see cpu_kernels.h).
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -1,6 +1,7 @@
 // AVX-512 (F, BW, VL, DQ) kernels: 16 fp32 lanes, 32 registers. Chosen at run time when the CPU
 // has these features (ops_cpu.cpp); compiled for them with `#pragma GCC target` so the rest of the
 // extension stays baseline x86-64. All headers are included *before* the pragma (see cpu_kernels.h).
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -8,6 +8,7 @@
 // to the fp32 accumulator of token t, against the broadcast value pair. The interleave permutes the
 // tokens within a row's two accumulators; one vpermt2ps per 16 tokens restores the order.
 // Accumulation is fp32 (vdpbf16ps rounds to nearest even and flushes denormals, like oneDNN's bf16).
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -113,19 +114,19 @@ static void spmm_dp(const SpmmArgs& a) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   uint16_t* y = static_cast<uint16_t*>(a.y);
   const int64_t KP = (a.K + 1) / 2, M = a.A.rows();
+  TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
   {
     Scratch& scratch = thread_scratch();
     const int tid = omp_get_thread_num();
     int64_t tb, te;
-    split_range(ntiles, tid, omp_get_num_threads(), tb, te);
-    const size_t pt_bytes = (size_t)KP * TT * 4, xt_bytes = (size_t)2 * KP * TT * 2;
+        const size_t pt_bytes = (size_t)KP * TT * 4, xt_bytes = (size_t)2 * KP * TT * 2;
     char* base = static_cast<char*>(scratch.get(pt_bytes + xt_bytes + (size_t)16 * TT * 4));
     if (base) {
       uint32_t* PT = reinterpret_cast<uint32_t*>(base);
       uint16_t* xT16 = reinterpret_cast<uint16_t*>(base + pt_bytes);
       float* chunk = reinterpret_cast<float*>(base + pt_bytes + xt_bytes);
-      for (int64_t t = tb; t < te; t++) {
+      while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
         const int64_t n0 = t * TT;
         const int nt = (int)imin(TT, a.N - n0);
         load_tile_bf16(x + n0 * a.ldx, a.ldx, nt, a.K, PT, xT16);

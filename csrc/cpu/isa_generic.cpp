@@ -1,6 +1,7 @@
 // Portable kernels: the same tiled algorithm over plain 8-lane arrays (the compiler vectorizes what it
 // can for the baseline target). Used on CPUs without AVX2/FMA, on other architectures, for float64
 // (so gradcheck runs through the tiled kernels), and with SAK_CPU_ISA=generic.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>

@@ -1,7 +1,7 @@
 // The CPU kernels, written once over a vector-traits class V and included by each ISA file
 // (isa_avx512.cpp: V = 16 x fp32 AVX-512; isa_avx2.cpp: 8 x fp32 AVX2/FMA; isa_generic.cpp:
 // portable 8-lane arrays in float and double). Include it inside the ISA's own namespace, after
-// <cstdint>, <cstring>, <cstdlib>, <cmath>, <omp.h> and the definition of V; it includes nothing.
+// <atomic>, <cstdint>, <cstring>, <cstdlib>, <cmath>, <omp.h> and the definition of V; it includes nothing.
 //
 // How the kernels work (docs/cpu_kernels.md has the long version):
 //   * Tokens are processed in tiles of T (16, 32 or 64). A tile of the token-major input x[N, K] is
@@ -18,7 +18,8 @@
 //   * Fused adapter: per tile, down -> bias -> act -> up -> bias/scale/residual, with the [r][T]
 //     bottleneck in L1/L2 scratch; the backward does the two SDDMMs, both dx products and the bias
 //     sums from the same transposed tiles.
-//   * Threads (OpenMP) take contiguous ranges of token tiles; nothing is shared except the read-only
+//   * Threads (OpenMP) take chunks of consecutive token tiles from a shared counter (dynamic
+//     schedule); nothing is shared except the read-only
 //     weights and the per-thread partial sums of the SDDMMs.
 //
 // Padding rule: a tile with fewer than T tokens is zero-padded by the transposes; padded tokens give
@@ -60,11 +61,21 @@ static Scratch& thread_scratch() {
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Contiguous share [begin, end) of `n` items for thread `tid` of `nth`.
-static inline void split_range(int64_t n, int tid, int nth, int64_t& begin, int64_t& end) {
-  begin = n * tid / nth;
-  end = n * (tid + 1) / nth;
-}
+// Token tiles handed out in chunks from a shared counter: a dynamic schedule, so a thread slowed down
+// (another process on its core) does not hold the others up; tiles within a chunk are consecutive,
+// which the next-tile prefetch relies on.
+struct TileQueue {
+  std::atomic<int64_t> next{0};
+
+  int64_t n, chunk;
+  TileQueue(int64_t n_tiles, int nth) : n(n_tiles), chunk(imax(1, n_tiles / (8 * (int64_t)nth))) {}
+  bool grab(int64_t& b, int64_t& e) {
+    b = next.fetch_add(chunk, std::memory_order_relaxed);
+    if (b >= n) return false;
+    e = imin(n, b + chunk);
+    return true;
+  }
+};
 
 // Software prefetch (into L2) of the token rows of the next tile, spread over the work of the
 // current one so the memory system always has requests in flight (one core alone reads DRAM at a
@@ -437,16 +448,16 @@ struct Kern {
     const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
     const S* x = static_cast<const S*>(a.x);
     S* y = static_cast<S*>(a.y);
+    TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
     {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
-      A* xT = static_cast<A*>(scratch.get(sizeof(A) * ((size_t)a.K * T + (size_t)W * T)));
+            A* xT = static_cast<A*>(scratch.get(sizeof(A) * ((size_t)a.K * T + (size_t)W * T)));
       A* chunk = xT + (size_t)a.K * T;
       if (xT) {
-        for (int64_t t = tb; t < te; t++) {
+        while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
           Prefetch pf;
@@ -471,17 +482,17 @@ struct Kern {
     const S* x = static_cast<const S*>(a.x);
     A* partial = static_cast<A*>(std::calloc((size_t)nth * nnz + 1, sizeof(A)));
     if (!partial) return;
+    TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
     {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
-      A* dyT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.M + a.K) * T));
+            A* dyT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.M + a.K) * T));
       A* xT = dyT + (size_t)a.M * T;
       A* g = partial + (size_t)tid * nnz;
       if (dyT) {
-        for (int64_t t = tb; t < te; t++) {
+        while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
           Prefetch pf;
@@ -524,18 +535,18 @@ struct Kern {
     S* out = static_cast<S*>(a.out);
     S* hidden = static_cast<S*>(a.hidden);
     const int64_t rpad = (a.r + W - 1) / W * W;
+    TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
     {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
-      A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
+            A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
       if (xT) {
         A* hT = xT + (size_t)a.d * T;
         A* aT = hT + (size_t)rpad * T;
         A* chunk = aT + (size_t)rpad * T;
-        for (int64_t t = tb; t < te; t++) {
+        while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
           Prefetch pf;
@@ -579,13 +590,13 @@ struct Kern {
     const size_t per = (size_t)(nnz_d + nnz_u) + (size_t)(a.d_out + a.r) * W;
     A* partial = static_cast<A*>(std::calloc((size_t)nth * per + 1, sizeof(A)));
     if (!partial) return;
+    TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
     {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-      split_range(ntiles, tid, omp_get_num_threads(), tb, te);
-      A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + W) * T));
+            A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + W) * T));
       if (gT) {
         A* xT = gT + (size_t)a.d_out * T;
         A* hT = xT + (size_t)a.d * T;
@@ -596,7 +607,7 @@ struct Kern {
         A* g_up = g_down + nnz_d;
         A* gub = g_up + nnz_u;
         A* gdb = gub + (size_t)a.d_out * W;
-        for (int64_t t = tb; t < te; t++) {
+        while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
           const int nt = (int)imin(T, a.N - n0);
           Prefetch pf;
