@@ -443,7 +443,7 @@ def test_torch_compile_fullgraph_matches_eager():
     x = rand(2, 7, 96)
     eager = fn(x)
     torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(x), eager)
     xg = x.clone().requires_grad_(True)
     compiled(xg).sum().backward()
