@@ -39,12 +39,13 @@ TORCH_LIBRARY(sparseadapter_kernels, m) {
         "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
         "Tensor up_t_crow_indices, Tensor up_t_row_indices, Tensor up_t_perm, Tensor? up_bias, "
         "str activation, float scale) -> (Tensor, Tensor)");
-  // Gradients of fused_adapter -> (grad_x without the residual term, grad_down_values, grad_down_bias,
-  // grad_up_values, grad_up_bias).
+  // Gradients of fused_adapter -> (grad_x, grad_down_values, grad_down_bias, grad_up_values, grad_up_bias).
+  // grad_x excludes the residual's own gradient, unless add_grad_out: then grad_x += grad_out, the whole
+  // gradient of x when the residual is x itself (d_out == d), without a separate pass over memory.
   m.def("fused_adapter_backward(Tensor grad_out, Tensor x, Tensor hidden, "
         "Tensor down_values, Tensor down_crow_indices, Tensor down_col_indices, "
         "Tensor down_t_crow_indices, Tensor down_t_row_indices, Tensor down_t_perm, "
         "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
         "Tensor up_t_crow_indices, Tensor up_t_row_indices, Tensor up_t_perm, "
-        "str activation, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "str activation, float scale, bool add_grad_out=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -204,6 +204,47 @@ def test_long_rows_over_many_columns(isa, dtype):
     check(g, e, torch.float32, 33, "unsorted sddmm")
 
 
+@pytest.mark.parametrize("stream", ["0", "1"])
+@pytest.mark.parametrize("tile", ["16", "32", "64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kblocked_and_streamed_paths(isa, dtype, tile, stream, monkeypatch):
+    """N >= 256 with long rows over > 256 features takes the K-blocked paths (the forward transposes x
+    one 128-feature chunk at a time; K = 389 ends in a partial chunk); outputs whose rows are whole
+    cache lines are written with streaming stores when SAK_CPU_STREAM=1. Empty rows, a tail tile,
+    unsorted columns within rows."""
+    monkeypatch.setenv("SAK_CPU_TILE", tile)
+    monkeypatch.setenv("SAK_CPU_STREAM", stream)
+    N, d, r, d_out = 301, 389, 48, 416
+    down = make_weight((r, d), 0.6, dtype, "csr", None, empty_rows=2, seed=11)
+    up = make_weight((d_out, r), 0.3, dtype, "csr", None, seed=12)
+    assert down.nnz // r >= 64  # long rows: K-blocked
+    # the same entries with the columns of every row shuffled
+    g = torch.Generator().manual_seed(13)
+    crow = down.crow_indices
+    perm = torch.cat([torch.randperm(int(crow[i + 1] - crow[i]), generator=g) + int(crow[i]) for i in range(r)])
+    x = rand(N, d, dtype=dtype)
+    for values, cols in ((down.values, down.col_indices), (down.values[perm], down.col_indices[perm].contiguous())):
+        y = lib.csr_spmm(x, values, crow, cols, None)
+        check(y, ref.spmm(x.double(), values.double(), crow, cols), dtype, d, "fwd")
+    go = rand(N, d_out, dtype=dtype, seed=3)
+    res = rand(N, d_out, dtype=dtype, seed=4)
+    # dx of up: [N, d_out] @ up -> [N, r]; spmm of up: [N, r] -> [N, d_out] (a streamed output)
+    h = rand(N, r, dtype=dtype, seed=5)
+    y = lib.csr_spmm(h, up.values, up.crow_indices, up.col_indices, None)
+    check(y, ref.spmm(h.double(), up.values.double(), up.crow_indices, up.col_indices), dtype, r, "up fwd")
+    bd, bu = rand(r, dtype=dtype, seed=8), rand(d_out, dtype=dtype, seed=9)
+    out, hidden = lib.fused_adapter(*_fused_args(x, res, down, up, bd, bu, "silu", 0.5))
+    e_out, e_hidden = ref.fused_adapter(*_fused_args(x.double(), res.double(), _as64(down), _as64(up), bd.double(),
+                                                     bu.double(), "silu", 0.5))
+    check(hidden, e_hidden, dtype, d, "hidden")
+    check(out, e_out, dtype, d * r, "out")
+    grads = lib.fused_adapter_backward(*_fused_bwd_args(go, x, hidden, down, up, "silu", 0.5))
+    expected = ref.fused_adapter_backward(*_fused_bwd_args(go.double(), x.double(), hidden.double(), _as64(down),
+                                                           _as64(up), "silu", 0.5))
+    for got, exp, k in zip(grads, expected, [d_out * r, N * d_out, N * d_out, N, N]):
+        check(got, exp, dtype, k, "fused backward")
+
+
 def test_bf16_pairs_path(isa):
     """bf16 CSR with more than 256 input features (the vdpbf16ps path on avx512bf16): odd and empty rows,
     odd K, token tails, the transpose structure."""
@@ -359,6 +400,52 @@ def test_sparse_adapter_autograd_matches_reference(layout, block):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_backward_adds_grad_out_when_residual_is_x(isa, dtype):
+    """add_grad_out=True returns grad_x + grad_out; sparse_adapter(x, ..., residual=x) uses it (one kernel
+    call gives x's whole gradient) and matches the reference backend and an unfolded residual=x.clone()."""
+    if dtype == torch.float64 and isa != "generic":
+        pytest.skip("float64 always runs the portable kernels")
+    down, up = _adapter_weights(70, 24, 70, 0.5, dtype, "csr", None)
+    x, go = rand(300, 70, dtype=dtype), rand(300, 70, dtype=dtype, seed=3)
+    out, hidden = lib.fused_adapter(*_fused_args(x, x, down, up, None, None, "silu", 0.5))
+    got = lib.fused_adapter_backward(*_fused_bwd_args(go, x, hidden, down, up, "silu", 0.5), True)
+    exp = ref.fused_adapter_backward(*_fused_bwd_args(go.double(), x.double(), hidden.double(), _as64(down),
+                                                      _as64(up), "silu", 0.5), True)
+    check(got[0], exp[0], dtype, 70 * 24, "grad_x + grad_out")
+    with pytest.raises(RuntimeError, match="add_grad_out: expected rows of up == x.size"):
+        d2, u2 = _adapter_weights(70, 24, 40, 0.5, dtype, "csr", None)
+        h2 = lib.fused_adapter(*_fused_args(x, None, d2, u2, None, None, "silu", 0.5))[1]
+        lib.fused_adapter_backward(*_fused_bwd_args(rand(300, 40, dtype=dtype), x, h2, d2, u2, "silu", 0.5), True)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.folded = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is lib.fused_adapter_backward.default:
+                self.folded.append(bool(args[-1]) if len(args) > 17 else bool((kwargs or {}).get("add_grad_out")))
+            return func(*args, **(kwargs or {}))
+
+    grads = {}
+    for name, backend, same in (("folded", "cpu", True), ("unfolded", "cpu", False), ("reference", "reference", True)):
+        xl = x.clone().requires_grad_(True)
+        res = xl if same else xl.clone()
+        y = sak.ops.sparse_adapter(xl, down, up, activation="silu", scale=0.5, residual=res, backend=backend)
+        calls = Calls()
+        with calls:
+            y.backward(go)
+        if backend == "cpu":
+            assert calls.folded == [same], calls.folded
+        grads[name] = xl.grad
+    tol = dict(atol=TOL[dtype][0] * 5, rtol=TOL[dtype][1] * 5)
+    torch.testing.assert_close(grads["folded"].double(), grads["reference"].double(), **tol)
+    torch.testing.assert_close(grads["folded"].double(), grads["unfolded"].double(), **tol)
+
+
 @pytest.mark.parametrize("layout,block", [("csr", None), ("bsr", (2, 3))])
 def test_gradcheck_linear_through_kernels(layout, block):
     w = make_weight((6, 9), 0.5, torch.float64, layout, block)
@@ -419,12 +506,17 @@ def _opcheck_cases():
         "fused_adapter": (lib.fused_adapter.default, tuple(fused)),
         "fused_adapter_backward": (lib.fused_adapter_backward.default,
                                    _fused_bwd_args(rand(5, 24, seed=7), x, hidden, down, up, "gelu", 0.5)),
+        "fused_adapter_backward_add": (lib.fused_adapter_backward.default,
+                                       (*_fused_bwd_args(rand(5, 24, seed=7), x, hidden, down, up, "gelu", 0.5), True)),
+        # residual=x: the same tensor twice (the backward folds x's two gradients into one kernel call)
+        "fused_adapter_residual_is_x": (lib.fused_adapter.default,
+                                        (xg, xg, *_fused_args(xg, res, down, up, bd, bu, "gelu", 0.5)[2:])),
     }
 
 
 @pytest.mark.parametrize("case", [
     "csr_spmm", "csr_spmm_perm", "bsr_spmm", "bsr_spmm_perm", "csr_sddmm", "bsr_sddmm", "csr_linear", "bsr_linear",
-    "fused_adapter", "fused_adapter_backward"])
+    "fused_adapter", "fused_adapter_backward", "fused_adapter_backward_add", "fused_adapter_residual_is_x"])
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

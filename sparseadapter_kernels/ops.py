@@ -196,9 +196,12 @@ def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_b
                              f"{tuple(getattr(residual, 'shape', ()))}")
         if residual.dtype != x.dtype or residual.device != x.device:
             raise TypeError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
-        residual = residual.reshape(-1, up.out_features).contiguous()
+    residual_is_x = residual is x
     backend = _resolve_backend(backend, x, down, "adapter")
     x2 = x.reshape(-1, down.in_features).contiguous()
+    if residual is not None:
+        # residual=x: pass the same tensor object twice, so the backward adds x's two gradients in the kernel
+        residual = x2 if residual_is_x else residual.reshape(-1, up.out_features).contiguous()
     if backend == "reference":
         h = reference.sparse_linear(x2, down, down_bias)
         out = reference.sparse_linear(reference.activation(h, activation), up, up_bias) * scale
@@ -257,7 +260,7 @@ def _register_cpp_ops() -> None:
     @torch.library.register_fake("sparseadapter_kernels::fused_adapter_backward")
     def _(grad_out, x, hidden, down_values, down_crow_indices, down_col_indices, down_t_crow_indices,
           down_t_row_indices, down_t_perm, up_values, up_crow_indices, up_col_indices, up_t_crow_indices,
-          up_t_row_indices, up_t_perm, activation, scale):
+          up_t_row_indices, up_t_perm, activation, scale, add_grad_out=False):
         return (torch.empty_like(x), torch.empty_like(down_values), hidden.new_empty(hidden.shape[1]),
                 torch.empty_like(up_values), grad_out.new_empty(grad_out.shape[1]))
 
@@ -289,13 +292,17 @@ def _register_cpp_ops() -> None:
                               utrow, utperm)
         ctx.activation, ctx.scale = activation, scale
         ctx.has_residual, ctx.has_down_bias, ctx.has_up_bias = residual is not None, dbias is not None, ubias is not None
+        # sparse_adapter passes the very same tensor as x and residual for ``residual=x`` (sequential
+        # adapters): the kernel then returns grad_x + grad_out as x's whole gradient in one pass
+        ctx.residual_is_x = residual is x
         ctx.mark_non_differentiable(output[1])
 
     def adapter_backward(ctx, grad_out, grad_hidden):
         saved = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        gx, gdv, gdb, guv, gub = _lib.fused_adapter_backward(grad_out, *saved, ctx.activation, ctx.scale)
-        return (gx, grad_out if ctx.has_residual else None, gdv, None, None, None, None, None,
+        fold = ctx.residual_is_x and ctx.needs_input_grad[0]
+        gx, gdv, gdb, guv, gub = _lib.fused_adapter_backward(grad_out, *saved, ctx.activation, ctx.scale, fold)
+        return (gx, grad_out if ctx.has_residual and not fold else None, gdv, None, None, None, None, None,
                 gdb if ctx.has_down_bias else None, guv, None, None, None, None, None,
                 gub if ctx.has_up_bias else None, None, None)
 

@@ -132,9 +132,10 @@ def fused_adapter(x, residual, down_values, down_crow_indices, down_col_indices,
 def fused_adapter_backward(grad_out, x, hidden, down_values, down_crow_indices, down_col_indices,
                            down_t_crow_indices, down_t_row_indices, down_t_perm, up_values, up_crow_indices,
                            up_col_indices, up_t_crow_indices, up_t_row_indices, up_t_perm,
-                           activation_name: str, scale: float):
+                           activation_name: str, scale: float, add_grad_out: bool = False):
     """Gradients of :func:`fused_adapter` -> ``(grad_x, grad_down_values, grad_down_bias,
-    grad_up_values, grad_up_bias)``; ``grad_x`` excludes the residual's own gradient."""
+    grad_up_values, grad_up_bias)``; ``grad_x`` excludes the residual's own gradient unless
+    ``add_grad_out`` (the residual is ``x`` itself): then ``grad_x + grad_out``."""
     g = grad_out * scale
     a = activation(hidden, activation_name)
     grad_up_values = sddmm(g, a, up_values, up_crow_indices, up_col_indices)
@@ -144,6 +145,8 @@ def fused_adapter_backward(grad_out, x, hidden, down_values, down_crow_indices, 
     grad_down_values = sddmm(dh, x, down_values, down_crow_indices, down_col_indices)
     grad_down_bias = dh.sum(0)
     grad_x = spmm(dh, down_values, down_t_crow_indices, down_t_row_indices, down_t_perm)
+    if add_grad_out:
+        grad_x = grad_x + grad_out
     return grad_x, grad_down_values, grad_down_bias, grad_up_values, grad_up_bias
 
 

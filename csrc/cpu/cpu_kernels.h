@@ -29,6 +29,7 @@ struct SparseOperand {
   // values / col point at the regrouped arrays. kptr null: plain CSR.
   const int32_t* kptr = nullptr;
   int64_t kchunks = 0;
+  int64_t kchunk = 0;  // columns per chunk; the regrouped col entries are relative to their chunk (col - c * kchunk)
   // bf16 CSR as pairs of consecutive entries of a row (an odd row ends with a (k, k) pair of value
   // 0): pair p of row m is in [pptr[m], pptr[m+1]), its columns pcol[2p], pcol[2p+1], its two bf16
   // values packed in pval[p] (first in the low half). Only for kernel tables with wants_bf16_pairs.
@@ -107,6 +108,7 @@ struct FusedBwdArgs {
   Act act;
   double scale;
   void* grad_x;             // [N, d]
+  const void* grad_x_addend;  // null, or grad_out (row stride ldg) added to grad_x (d_out == d)
   void* grad_down_values;   // [nnz(down)] in dtype
   void* grad_down_bias;     // [r]
   void* grad_up_values;     // [nnz(up)]

@@ -182,20 +182,14 @@ struct Kern {
       V::transpose(r);
       const int cnt = (int)imin(W, nt - t0);
       S* dst = y + (int64_t)t0 * ldy + m0;
-      if (!bias && !scale && !res) {
-        if (stream && rows == W && V::HAS_STREAM) {
-          for (int j = 0; j < cnt; j++) V::stream(dst + j * ldy, r[j]);
-        } else {
-          for (int j = 0; j < cnt; j++) V::store_n(dst + j * ldy, r[j], rows);
-        }
-      } else {
-        for (int j = 0; j < cnt; j++) {
-          reg v = r[j];
-          if (bias) v = V::add(v, vb);
-          if (scale) v = V::mul(v, va);
-          if (res) v = V::add(v, V::load_n(res + (int64_t)(t0 + j) * ldres + m0, rows));
-          V::store_n(dst + j * ldy, v, rows);
-        }
+      const bool nontemporal = stream && rows == W && V::HAS_STREAM;
+      for (int j = 0; j < cnt; j++) {
+        reg v = r[j];
+        if (bias) v = V::add(v, vb);
+        if (scale) v = V::mul(v, va);
+        if (res) v = V::add(v, V::load_n(res + (int64_t)(t0 + j) * ldres + m0, rows));
+        if (nontemporal) V::stream(dst + j * ldy, v);
+        else V::store_n(dst + j * ldy, v, rows);
       }
     }
   }
@@ -289,49 +283,71 @@ struct Kern {
     }
   }
 
-  // K-blocked CSR rows: chunk by chunk of columns (the part of inT they index stays in L1), each
-  // row's accumulators carried across chunks in `out` (L1).
-  static void csr_rows_kblocked(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out,
-                                Prefetch* pf) {
+  // K-blocked CSR, chunk c: out[m - m_begin][0:T] += sum over the entries of row m in chunk c of
+  // A[m, k] * inT[k - c * kchunk][0:T]. The regrouped columns are chunk-relative, so `inT` is the
+  // chunk's own part of the tile (or a tile of just that chunk); it stays in L1.
+  static void csr_chunk(const SparseOperand& S, int64_t c, int64_t m_begin, int64_t m_end, const A* inT, A* out,
+                        Prefetch* pf) {
     const A* vals = static_cast<const A*>(S.values);
     const int32_t* col = S.col;
-    const int64_t M = S.rows();
-    for (int64_t m = m_begin; m < m_end; m++)
-      for (int u = 0; u < U; u++) V::store(out + (m - m_begin) * T + u * W, V::zero());
-    for (int64_t c = 0; c < S.kchunks; c++) {
-      const int32_t* kp = S.kptr + c * (M + 1);
-      for (int64_t m = m_begin; m < m_end; m++) {
-        if (pf && c == 0) pf->step();
-        int64_t k = kp[m];
-        const int64_t e = kp[m + 1];
-        if (k == e) continue;
-        A* o = out + (m - m_begin) * T;
-        reg a[U], b[U];
-        for (int u = 0; u < U; u++) { a[u] = V::load(o + u * W); b[u] = V::zero(); }
-        for (; k + 3 < e; k += 4) {
-          const reg v4 = V::load4(vals + k);
-          const A* p0 = inT + (int64_t)col[k] * T;
-          const A* p1 = inT + (int64_t)col[k + 1] * T;
-          const A* p2 = inT + (int64_t)col[k + 2] * T;
-          const A* p3 = inT + (int64_t)col[k + 3] * T;
-          const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
-          for (int u = 0; u < U; u++) {
-            a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-            b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-          }
-          const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
-          for (int u = 0; u < U; u++) {
-            a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
-            b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
-          }
+    const int32_t* kp = S.kptr + c * (S.rows() + 1);
+    for (int64_t m = m_begin; m < m_end; m++) {
+      if (pf) pf->step();
+      int64_t k = kp[m];
+      const int64_t e = kp[m + 1];
+      if (k == e) continue;
+      A* o = out + (m - m_begin) * T;
+      reg a[U], b[U];
+      for (int u = 0; u < U; u++) { a[u] = V::load(o + u * W); b[u] = V::zero(); }
+      for (; k + 3 < e; k += 4) {
+        const reg v4 = V::load4(vals + k);
+        const A* p0 = inT + (int64_t)col[k] * T;
+        const A* p1 = inT + (int64_t)col[k + 1] * T;
+        const A* p2 = inT + (int64_t)col[k + 2] * T;
+        const A* p3 = inT + (int64_t)col[k + 3] * T;
+        const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
+        for (int u = 0; u < U; u++) {
+          a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+          b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
         }
-        for (; k < e; k++) {
-          const reg v0 = V::set1(vals[k]);
-          const A* p0 = inT + (int64_t)col[k] * T;
-          for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+        const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
+        for (int u = 0; u < U; u++) {
+          a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
+          b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
         }
-        for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
       }
+      for (; k < e; k++) {
+        const reg v0 = V::set1(vals[k]);
+        const A* p0 = inT + (int64_t)col[k] * T;
+        for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+      }
+      for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
+    }
+  }
+
+  static void zero_rows(A* out, int64_t rows_) {
+    for (int64_t i = 0; i < rows_ * T; i += W) V::store(out + i, V::zero());
+  }
+
+  // K-blocked CSR rows over a whole feature-major tile inT[K][T], chunk by chunk (each chunk's part
+  // of inT stays in L1), each row's accumulators carried across chunks in `out` (L1).
+  static void csr_rows_kblocked(const SparseOperand& S, int64_t m_begin, int64_t m_end, const A* inT, A* out,
+                                Prefetch* pf) {
+    zero_rows(out, m_end - m_begin);
+    for (int64_t c = 0; c < S.kchunks; c++) csr_chunk(S, c, m_begin, m_end, inT + c * S.kchunk * T, out, c ? nullptr : pf);
+  }
+
+  // K-blocked CSR straight from the token-major x: chunk by chunk, the tile's kchunk features are
+  // transposed into the L1 scratch xTc[kchunk][T] and consumed at once by every row (the full
+  // feature-major tile is never built). out[m][0:T] for all rows m of S; `pf` steps rows * kchunks times.
+  template <class Sto>
+  static void kblocked_from_tokens(const SparseOperand& S, const Sto* x, int64_t ldx, int nt, int64_t K, A* xTc,
+                                   A* out, Prefetch* pf) {
+    zero_rows(out, S.rows());
+    for (int64_t c = 0; c < S.kchunks; c++) {
+      const int64_t c0 = c * S.kchunk;
+      load_tile<Sto>(x + c0, ldx, nt, imin(S.kchunk, K - c0), xTc, A(1), false);
+      csr_chunk(S, c, 0, S.rows(), xTc, out, pf);
     }
   }
 
@@ -346,15 +362,20 @@ struct Kern {
       bsr_rows(vals, S.crow, S.col, S.bh, S.bw, m_begin, m_end, inT, out, pf);
   }
 
+  // Streaming (non-temporal) stores need every stored vector to be a whole, aligned cache line.
+  template <class Sto>
+  static bool stream_ok(const Sto* y, int64_t ldy, bool want) {
+    return want && (reinterpret_cast<uintptr_t>(y) % 64 == 0) && ((ldy * (int64_t)sizeof(Sto)) % 64 == 0) &&
+           W * sizeof(Sto) >= 32;
+  }
+
   // All output rows of S applied to inT, W rows at a time, stored token-major through store_tile.
   template <class Sto>
   static void rows_to_tokens(const SparseOperand& S, const A* inT, A* chunk, int nt, Sto* y, int64_t ldy,
                              const Sto* bias, A alpha, const Sto* res, int64_t ldres, Prefetch* pf,
                              bool stream = false) {
     const int64_t M = S.rows();
-    // streaming stores need every stored vector to be a whole, aligned cache line
-    stream = stream && (reinterpret_cast<uintptr_t>(y) % 64 == 0) && ((ldy * (int64_t)sizeof(Sto)) % 64 == 0) &&
-             W * sizeof(Sto) >= 32;
+    stream = stream_ok(y, ldy, stream);
     for (int64_t m0 = 0; m0 < M; m0 += W) {
       const int rws = (int)imin(W, M - m0);
       rows(S, m0, m0 + rws, inT, chunk, pf);
@@ -448,14 +469,19 @@ struct Kern {
     const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
     const S* x = static_cast<const S*>(a.x);
     S* y = static_cast<S*>(a.y);
+    const int64_t M = a.A.rows();
+    const bool kblocked = a.A.kptr != nullptr;
+    // scratch: the feature-major tile (kblocked: one chunk of it) and the output rows (kblocked: all
+    // M rows, accumulated across chunks; else W rows at a time)
+    const size_t tile_feats = kblocked ? (size_t)a.A.kchunk : (size_t)a.K;
+    const size_t out_rows = kblocked ? (size_t)((M + W - 1) / W * W) : (size_t)W;
     TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
     {
       Scratch& scratch = thread_scratch();
-      const int tid = omp_get_thread_num();
       int64_t tb, te;
-            A* xT = static_cast<A*>(scratch.get(sizeof(A) * ((size_t)a.K * T + (size_t)W * T)));
-      A* chunk = xT + (size_t)a.K * T;
+      A* xT = static_cast<A*>(scratch.get(sizeof(A) * (tile_feats + out_rows) * T));
+      A* chunk = xT + tile_feats * T;
       if (xT) {
         while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
           const int64_t n0 = t * T;
@@ -463,10 +489,18 @@ struct Kern {
           Prefetch pf;
           if (a.cfg.prefetch && t + 1 < te)
             pf.add(x + (n0 + T) * a.ldx, a.ldx * (int64_t)sizeof(S), (int)imin(T, a.N - n0 - T), a.K * (int64_t)sizeof(S));
-          pf.plan(a.A.rows());
-          load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
-          rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0, &pf,
-                            a.cfg.stream);
+          if (kblocked) {
+            pf.plan(M * a.A.kchunks);
+            kblocked_from_tokens<S>(a.A, x + n0 * a.ldx, a.ldx, nt, a.K, xT, chunk, &pf);
+            for (int64_t m0 = 0; m0 < M; m0 += W)
+              store_tile<S>(chunk + m0 * T, (int)imin(W, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1),
+                            nullptr, 0, stream_ok(y, a.ldy, a.cfg.stream));
+          } else {
+            pf.plan(M);
+            load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
+            rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0, &pf,
+                              a.cfg.stream);
+          }
         }
         if (a.cfg.stream) V::stream_fence();
       }
@@ -539,7 +573,6 @@ struct Kern {
 #pragma omp parallel num_threads(nth)
     {
       Scratch& scratch = thread_scratch();
-      const int tid = omp_get_thread_num();
       int64_t tb, te;
             A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
       if (xT) {
@@ -555,9 +588,14 @@ struct Kern {
             pf.add(x + (n0 + T) * a.ldx, a.ldx * (int64_t)sizeof(S), nn, a.d * (int64_t)sizeof(S));
             if (res) pf.add(res + (n0 + T) * a.ldres, a.ldres * (int64_t)sizeof(S), nn, a.d_out * (int64_t)sizeof(S));
           }
-          pf.plan(a.r + a.d_out);
-          load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
-          rows(a.down, 0, a.r, xT, hT, &pf);
+          if (a.down.kptr) {  // K-blocked down projection straight from x (one chunk of xT at a time)
+            pf.plan(a.r * a.down.kchunks + a.d_out);
+            kblocked_from_tokens<S>(a.down, x + n0 * a.ldx, a.ldx, nt, a.d, xT, hT, &pf);
+          } else {
+            pf.plan(a.r + a.d_out);
+            load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
+            rows(a.down, 0, a.r, xT, hT, &pf);
+          }
           if (bd) {
             for (int64_t j = 0; j < a.r; j++) {
               A bj = load_scalar(bd + j);
@@ -570,8 +608,9 @@ struct Kern {
                           nullptr, 0);
           act_fwd(hT, aT, a.r * T, a.act);
           rows_to_tokens<S>(a.up, aT, chunk, nt, out + n0 * a.d_out, a.d_out, bu, (A)a.scale,
-                            res ? res + n0 * a.ldres : nullptr, a.ldres, &pf);
+                            res ? res + n0 * a.ldres : nullptr, a.ldres, &pf, a.cfg.stream);
         }
+        if (a.cfg.stream) V::stream_fence();
       }
     }
   }
@@ -628,9 +667,11 @@ struct Kern {
           lane_sums(dT, a.r, gdb);
           load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.d, xT, A(1), false);
           sddmm_rows(a.down_e, dT, xT, g_down, &pf);
+          const S* addend = a.grad_x_addend ? static_cast<const S*>(a.grad_x_addend) + n0 * a.ldg : nullptr;
           rows_to_tokens<S>(a.down_t, dT, chunk, nt, static_cast<S*>(a.grad_x) + n0 * a.d, a.d, nullptr, A(1),
-                            nullptr, 0, &pf);
+                            addend, a.ldg, &pf, a.cfg.stream);
         }
+        if (a.cfg.stream) V::stream_fence();
       }
     }
     // reduce the partials of the threads into thread 0's, then convert

@@ -355,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
     const Tensor& down_crow, const Tensor& down_col, const Tensor& down_t_crow, const Tensor& down_t_row,
     const Tensor& down_t_perm, const Tensor& up_values, const Tensor& up_crow, const Tensor& up_col,
     const Tensor& up_t_crow, const Tensor& up_t_row, const Tensor& up_t_perm, c10::string_view activation,
-    double scale) {
+    double scale, bool add_grad_out) {
   check_float(x_in, "x");
   check_2d(x_in, "x");
   check_2d(grad_out_in, "grad_out");
@@ -374,6 +374,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
               up.rows, "), got ", grad_out_in.sizes());
   TORCH_CHECK(hidden_in.size(0) == N && hidden_in.size(1) == down.rows, "hidden: expected shape (", N, ", ",
               down.rows, "), got ", hidden_in.sizes());
+  TORCH_CHECK(!add_grad_out || up.rows == x_in.size(1), "add_grad_out: expected rows of up == x.size(1) (the residual "
+              "is x), got ", up.rows, " and ", x_in.size(1));
   const Tensor x = x_in.contiguous(), grad_out = grad_out_in.contiguous(), hidden = hidden_in.contiguous();
   Tensor grad_x = at::empty_like(x);
   Tensor grad_dv = at::empty_like(down.values);
@@ -405,6 +407,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
     if (down.values.dim() == 3) run(std::true_type{});
     else run(std::false_type{});
   });
+  if (add_grad_out) grad_x.add_(grad_out);
   return {grad_x, grad_dv, grad_db, grad_uv, grad_ub};
 }
 
