@@ -167,9 +167,12 @@ def test_default_shape_all_paths_agree():
         check(y, expected, torch.float32, 768, name)
 
 
+@pytest.mark.parametrize("kblock", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_long_rows_over_many_columns(isa, dtype):
-    """Rows of >= 64 entries over > 256 columns take the K-blocked paths (spmm, SDDMM, fused)."""
+def test_long_rows_over_many_columns(isa, dtype, kblock, monkeypatch):
+    """Rows of >= 64 entries over > 256 columns, with the K-blocked paths forced on and off (spmm,
+    SDDMM, fused), on a token count below one tile."""
+    monkeypatch.setenv("SAK_CPU_KBLOCK", kblock)
     d, r = 384, 8
     for layout, block in (("csr", None), ("bsr", (4, 32))):
         down, up = _adapter_weights(d, r, d, 0.5, dtype, layout, block)
@@ -204,16 +207,18 @@ def test_long_rows_over_many_columns(isa, dtype):
     check(g, e, torch.float32, 33, "unsorted sddmm")
 
 
+@pytest.mark.parametrize("kblock", ["auto", "1"])
 @pytest.mark.parametrize("stream", ["0", "1"])
 @pytest.mark.parametrize("tile", ["16", "32", "64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_kblocked_and_streamed_paths(isa, dtype, tile, stream, monkeypatch):
-    """N >= 256 with long rows over > 256 features takes the K-blocked paths (the forward transposes x
-    one 128-feature chunk at a time; K = 389 ends in a partial chunk); outputs whose rows are whole
-    cache lines are written with streaming stores when SAK_CPU_STREAM=1. Empty rows, a tail tile,
-    unsorted columns within rows."""
+def test_kblocked_and_streamed_paths(isa, dtype, tile, stream, kblock, monkeypatch):
+    """Long rows over > 256 features with the K-blocked paths (on by default for x of 4 MiB and more,
+    forced here: the forward transposes x one 128-feature chunk at a time; K = 389 ends in a partial
+    chunk); outputs whose rows are whole cache lines are written with streaming stores when
+    SAK_CPU_STREAM=1. Empty rows, a tail tile, unsorted columns within rows."""
     monkeypatch.setenv("SAK_CPU_TILE", tile)
     monkeypatch.setenv("SAK_CPU_STREAM", stream)
+    monkeypatch.setenv("SAK_CPU_KBLOCK", kblock)
     N, d, r, d_out = 301, 389, 48, 416
     down = make_weight((r, d), 0.6, dtype, "csr", None, empty_rows=2, seed=11)
     up = make_weight((d_out, r), 0.3, dtype, "csr", None, seed=12)
@@ -648,6 +653,13 @@ def test_bad_input_gives_clear_error(idx):
     name, call, pattern = _bad_cases()[idx]
     with pytest.raises(RuntimeError, match=pattern):
         call()
+
+
+def test_bad_kblock_env(monkeypatch):
+    w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
+    monkeypatch.setenv("SAK_CPU_KBLOCK", "yes")
+    with pytest.raises(RuntimeError, match="SAK_CPU_KBLOCK: expected auto, 0 or 1, got 'yes'"):
+        lib.csr_spmm(rand(5, 24), w.values, w.crow_indices, w.col_indices, None)
 
 
 def test_bad_isa_env(monkeypatch):

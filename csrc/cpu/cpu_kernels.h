@@ -30,9 +30,11 @@ struct SparseOperand {
   const int32_t* kptr = nullptr;
   int64_t kchunks = 0;
   int64_t kchunk = 0;  // columns per chunk; the regrouped col entries are relative to their chunk (col - c * kchunk)
-  // bf16 CSR as pairs of consecutive entries of a row (an odd row ends with a (k, k) pair of value
-  // 0): pair p of row m is in [pptr[m], pptr[m+1]), its columns pcol[2p], pcol[2p+1], its two bf16
-  // values packed in pval[p] (first in the low half). Only for kernel tables with wants_bf16_pairs.
+  // bf16 CSR as pairs of consecutive entries of a row within a chunk of kchunk columns (kchunks
+  // chunks; one chunk of all the columns when not K-blocked). An odd (row, chunk) ends with a (k, k)
+  // pair of value 0. Pair p of row m in chunk c is in [pptr[c * (rows + 1) + m], ... + m + 1), its
+  // chunk-relative columns pcol[2p], pcol[2p+1], its two bf16 values packed in pval[p] (first in
+  // the low half). Only for kernel tables with wants_bf16_pairs.
   const int32_t* pptr = nullptr;
   const int32_t* pcol = nullptr;
   const uint32_t* pval = nullptr;

@@ -86,56 +86,81 @@ static SAK_INLINE void dp_pair(const uint16_t* xT16, const int32_t* pc, uint32_t
   hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(a, b), (__m512bh)v);
 }
 
-// out[m - m_begin][0:32] = sum over the pairs of row m, tokens in natural order
-static void rows_dp(const SparseOperand& S, int64_t m_begin, int64_t m_end, const uint16_t* xT16, float* out) {
-  // accumulator lane i holds token 8 * (i / 4) + i % 4 (lo) or that + 4 (hi)
-  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t m = m_begin; m < m_end; m++) {
-    __m512 lo0 = _mm512_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
-    int64_t p = S.pptr[m];
-    const int64_t e = S.pptr[m + 1];
+// acc[m][0:32] += the pairs of row m in chunk c, for every row m of S. The accumulators stay in
+// vdpbf16ps order (lane i of the low half is token 8 * (i / 4) + i % 4, of the high half that + 4)
+// until dp_to_tokens; xT16 is the chunk's own part of the tile.
+static void rows_dp(const SparseOperand& S, int64_t c, const uint16_t* xT16, float* acc) {
+  const int64_t M = S.rows();
+  const int32_t* pp = S.pptr + c * (M + 1);
+  for (int64_t m = 0; m < M; m++) {
+    int64_t p = pp[m];
+    const int64_t e = pp[m + 1];
+    if (p == e) continue;
+    float* o = acc + m * TT;
+    __m512 lo0 = _mm512_load_ps(o), hi0 = _mm512_load_ps(o + 16), lo1 = _mm512_setzero_ps(), hi1 = lo1;
     for (; p + 1 < e; p += 2) {
       dp_pair(xT16, S.pcol + 2 * p, S.pval[p], lo0, hi0);
       dp_pair(xT16, S.pcol + 2 * p + 2, S.pval[p + 1], lo1, hi1);
     }
     if (p < e) dp_pair(xT16, S.pcol + 2 * p, S.pval[p], lo0, hi0);
-    const __m512 lo = _mm512_add_ps(lo0, lo1), hi = _mm512_add_ps(hi0, hi1);
-    float* o = out + (m - m_begin) * TT;
+    _mm512_store_ps(o, _mm512_add_ps(lo0, lo1));
+    _mm512_store_ps(o + 16, _mm512_add_ps(hi0, hi1));
+  }
+}
+
+// acc[m][0:32] from vdpbf16ps order to tokens in natural order, for m < M
+static void dp_to_tokens(float* acc, int64_t M) {
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t m = 0; m < M; m++) {
+    float* o = acc + m * TT;
+    const __m512 lo = _mm512_load_ps(o), hi = _mm512_load_ps(o + 16);
     _mm512_store_ps(o, _mm512_permutex2var_ps(lo, i0, hi));
     _mm512_store_ps(o + 16, _mm512_permutex2var_ps(lo, i1, hi));
   }
 }
 
+// Per tile of 32 tokens: for each chunk of kchunk features (all of them when not K-blocked), the
+// chunk of x is transposed into the bf16 scratch (L1 for a 128-feature chunk) and every row's pairs
+// in that chunk are accumulated; then the rows are stored token-major 16 at a time.
 static void spmm_dp(const SpmmArgs& a) {
   using K32 = Kern<V, TT>;
   const int64_t ntiles = (a.N + TT - 1) / TT;
   const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   uint16_t* y = static_cast<uint16_t*>(a.y);
-  const int64_t KP = (a.K + 1) / 2, M = a.A.rows();
+  const int64_t M = a.A.rows(), KC = a.A.kchunk, KP = (KC + 1) / 2, Mpad = (M + 15) / 16 * 16;
+  const bool stream = K32::stream_ok(y, a.ldy, a.cfg.stream);
   TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
   {
     Scratch& scratch = thread_scratch();
-    const int tid = omp_get_thread_num();
     int64_t tb, te;
-        const size_t pt_bytes = (size_t)KP * TT * 4, xt_bytes = (size_t)2 * KP * TT * 2;
-    char* base = static_cast<char*>(scratch.get(pt_bytes + xt_bytes + (size_t)16 * TT * 4));
+    const size_t pt_bytes = (size_t)KP * TT * 4, xt_bytes = (size_t)2 * KP * TT * 2;
+    char* base = static_cast<char*>(scratch.get(pt_bytes + xt_bytes + (size_t)Mpad * TT * 4));
     if (base) {
       uint32_t* PT = reinterpret_cast<uint32_t*>(base);
       uint16_t* xT16 = reinterpret_cast<uint16_t*>(base + pt_bytes);
-      float* chunk = reinterpret_cast<float*>(base + pt_bytes + xt_bytes);
+      float* acc = reinterpret_cast<float*>(base + pt_bytes + xt_bytes);
       while (queue.grab(tb, te)) for (int64_t t = tb; t < te; t++) {
         const int64_t n0 = t * TT;
         const int nt = (int)imin(TT, a.N - n0);
-        load_tile_bf16(x + n0 * a.ldx, a.ldx, nt, a.K, PT, xT16);
-        for (int64_t m0 = 0; m0 < M; m0 += 16) {
-          const int rws = (int)imin(16, M - m0);
-          rows_dp(a.A, m0, m0 + rws, xT16, chunk);
-          K32::store_tile<bf16_t>(chunk, rws, m0, nt, y + n0 * a.ldy, a.ldy, nullptr, 1.0f, nullptr, 0);
+        Prefetch pf;
+        if (a.cfg.prefetch && t + 1 < te)
+          pf.add(x + (n0 + TT) * a.ldx, a.ldx * 2, (int)imin(TT, a.N - n0 - TT), a.K * 2);
+        pf.plan(a.A.kchunks);
+        K32::zero_rows(acc, M);
+        for (int64_t c = 0; c < a.A.kchunks; c++) {
+          load_tile_bf16(x + n0 * a.ldx + c * KC, a.ldx, nt, imin(KC, a.K - c * KC), PT, xT16);
+          pf.step();
+          rows_dp(a.A, c, xT16, acc);
         }
+        dp_to_tokens(acc, M);
+        for (int64_t m0 = 0; m0 < M; m0 += 16)
+          K32::store_tile<bf16_t>(acc + m0 * TT, (int)imin(16, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, 1.0f,
+                                  nullptr, 0, stream);
       }
+      if (stream) V::stream_fence();
     }
   }
 }

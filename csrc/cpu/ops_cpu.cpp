@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -354,12 +355,23 @@ void check_transpose_consistent(const char* op, const std::string& prefix, const
     }
 }
 
-// K-blocking (see SparseOperand::kptr): worth it when the indexed tile is too big for L1 (more than
-// 256 features at 32 tokens) and rows are long enough to amortize one more loop per chunk.
+// K-blocking (see SparseOperand::kptr): the forward transposes x one chunk of KCHUNK features at a
+// time and every row consumes it from L1 at once. Measured on the Zen 5 machine (docs/cpu_kernels.md):
+// it pays when x comes from memory (x of 4 MiB and more: N = 4096 at d = 768, fp32 and bf16) and
+// loses when x sits in L2 (N <= 1024 at d = 768), where the full feature-major tile is faster;
+// it needs more than 256 indexed features and rows long enough to amortize a loop per chunk.
 constexpr int64_t KCHUNK = 128;
+constexpr int64_t KBLOCK_MIN_X_BYTES = (int64_t)4 << 20;
 
-bool want_kblock(int64_t n_cols, int64_t rows, int64_t nnz) {
-  return n_cols > 256 && rows > 0 && nnz / rows >= 64;
+// SAK_CPU_KBLOCK=0|1 forces it off / on (wherever the layout allows) for tests and benchmarks.
+bool want_kblock(int64_t N, int64_t n_cols, int64_t rows, int64_t nnz, int64_t elem_bytes) {
+  const char* env = std::getenv("SAK_CPU_KBLOCK");
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+                "SAK_CPU_KBLOCK: expected auto, 0 or 1, got '", env, "'");
+    return env[0] == '1' && rows > 0;
+  }
+  return N * n_cols * elem_bytes >= KBLOCK_MIN_X_BYTES && n_cols > 256 && rows > 0 && nnz / rows >= 32;
 }
 
 struct KBlocked {
@@ -405,41 +417,58 @@ KBlocked kblock_operand(SparseOperand& op, int64_t n_cols, const Tensor& prepare
   return kb;
 }
 
-// bf16 CSR as pairs of consecutive entries of each row (SparseOperand::pptr), for vdpbf16ps.
-// `bf16_values` are the operand's values in bf16, in the order of op.col.
+// bf16 CSR as pairs of consecutive entries of each row within each chunk of `chunk` columns
+// (SparseOperand::pptr), for vdpbf16ps; chunk-relative columns. `bf16_values` are the operand's
+// values in bf16, in the order of op.col. A counting sort by (chunk, row): O(nnz + chunks * rows).
 struct PairHolder {
   Tensor pptr, pcol, pval;
 };
 
-PairHolder make_pairs(SparseOperand& op, const Tensor& bf16_values) {
+PairHolder make_pairs(SparseOperand& op, const Tensor& bf16_values, int64_t n_cols, int64_t chunk) {
   PairHolder h;
-  const int64_t M = op.rows();
+  const int64_t M = op.rows(), nch = std::max<int64_t>(1, (n_cols + chunk - 1) / chunk);
   const int32_t* cr = op.crow;
   const int32_t* cl = op.col;
   const uint16_t* v = reinterpret_cast<const uint16_t*>(bf16_values.data_ptr());
-  h.pptr = at::empty({M + 1}, at::kInt);
+  std::vector<int32_t> count(nch * M, 0);
+  for (int64_t m = 0; m < M; m++)
+    for (int32_t k = cr[m]; k < cr[m + 1]; k++) count[(cl[k] / chunk) * M + m]++;
+  h.pptr = at::empty({nch * (M + 1)}, at::kInt);
   int32_t* pp = h.pptr.data_ptr<int32_t>();
+  std::vector<int32_t> first(nch * M);  // first pair of (chunk, row)
   int64_t np = 0;
-  for (int64_t m = 0; m < M; m++) {
-    pp[m] = (int32_t)np;
-    np += (cr[m + 1] - cr[m] + 1) / 2;
+  for (int64_t c = 0; c < nch; c++) {
+    for (int64_t m = 0; m < M; m++) {
+      pp[c * (M + 1) + m] = (int32_t)np;
+      first[c * M + m] = (int32_t)np;
+      np += (count[c * M + m] + 1) / 2;
+    }
+    pp[c * (M + 1) + M] = (int32_t)np;
   }
-  pp[M] = (int32_t)np;
   h.pcol = at::empty({2 * np}, at::kInt);
-  h.pval = at::empty({np}, at::kInt);
+  h.pval = at::zeros({np}, at::kInt);
   int32_t* pc = h.pcol.data_ptr<int32_t>();
   uint32_t* pv = reinterpret_cast<uint32_t*>(h.pval.data_ptr<int32_t>());
-  int64_t p = 0;
+  std::fill(count.begin(), count.end(), 0);  // now: entries placed per (chunk, row)
   for (int64_t m = 0; m < M; m++)
-    for (int32_t k = cr[m]; k < cr[m + 1]; k += 2, p++) {
-      const bool two = k + 1 < cr[m + 1];
-      pc[2 * p] = cl[k];
-      pc[2 * p + 1] = two ? cl[k + 1] : cl[k];
-      pv[p] = (uint32_t)v[k] | ((two ? (uint32_t)v[k + 1] : 0u) << 16);
+    for (int32_t k = cr[m]; k < cr[m + 1]; k++) {
+      const int64_t c = cl[k] / chunk;
+      const int32_t j = count[c * M + m]++;
+      const int64_t p = first[c * M + m] + j / 2;
+      const int32_t rel = (int32_t)(cl[k] - c * chunk);
+      if (j % 2 == 0) {
+        pc[2 * p] = pc[2 * p + 1] = rel;  // an unpaired last entry keeps (k, k) with value 0
+        pv[p] = v[k];
+      } else {
+        pc[2 * p + 1] = rel;
+        pv[p] |= (uint32_t)v[k] << 16;
+      }
     }
   op.pptr = pp;
   op.pcol = pc;
   op.pval = pv;
+  op.kchunks = nch;
+  op.kchunk = std::min(chunk, n_cols);
   return h;
 }
 
@@ -488,9 +517,11 @@ Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Te
   PairHolder pairs;
   // vdpbf16ps pays where the indexed tile is large (it halves its bytes and the loads per entry); with
   // few input features the product is bound by the output transposes and the fp32 path is as fast.
+  const bool kblock = !want_bsr && want_kblock(N, x.size(1), M, A.op.nblocks, x.element_size());
   if (dt == DType::bf16 && !want_bsr && table->wants_bf16_pairs && x.size(1) > 256) {
-    pairs = make_pairs(A.op, perm.has_value() && perm->defined() ? values.index_select(0, *perm) : values.contiguous());
-  } else if (!want_bsr && N >= 256 && want_kblock(x.size(1), M, A.op.nblocks)) {
+    pairs = make_pairs(A.op, perm.has_value() && perm->defined() ? values.index_select(0, *perm) : values.contiguous(),
+                       x.size(1), kblock ? KCHUNK : x.size(1));
+  } else if (kblock) {
     kb = kblock_operand(A.op, x.size(1), A.values_holder);
   }
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
@@ -604,7 +635,7 @@ std::tuple<Tensor, Tensor> fused_adapter(
   Tensor hidden = at::empty({N, r}, x.options());
   if (N == 0) return {out, hidden};
   KBlocked kbd;
-  if (N >= 256 && D.op.bh == 1 && D.op.bw == 1 && want_kblock(d, r, D.op.nblocks)) kbd = kblock_operand(D.op, d, D.values_holder);
+  if (D.op.bh == 1 && D.op.bw == 1 && want_kblock(N, d, r, D.op.nblocks, x.element_size())) kbd = kblock_operand(D.op, d, D.values_holder);
   FusedFwdArgs a;
   a.dtype = dt;
   a.N = N; a.d = d; a.r = r; a.d_out = d_out;
@@ -653,7 +684,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   EntryHolder De = entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r);
   EntryHolder Ue = entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out);
   KBlocked kbut;
-  if (N >= 256 && Ut.op.bh == 1 && Ut.op.bw == 1 && want_kblock(d_out, r, Ut.op.nblocks)) kbut = kblock_operand(Ut.op, d_out, Ut.values_holder);
+  if (Ut.op.bh == 1 && Ut.op.bw == 1 && want_kblock(N, d_out, r, Ut.op.nblocks, x.element_size())) kbut = kblock_operand(Ut.op, d_out, Ut.values_holder);
   check_matrix(op, "grad_out", grad_out, "[N, d_out]");
   check_matrix(op, "hidden", hidden, "[N, r]");
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
