@@ -655,6 +655,28 @@ def test_bad_input_gives_clear_error(idx):
         call()
 
 
+def test_auto_dense_fallback_reuses_the_dense_weight():
+    """Above the crossover, 'auto' runs dense math on a dense weight kept while the values are unchanged
+    and need no gradient; an in-place update or autograd rebuilds it."""
+    w = make_weight((64, 96), 0.0, torch.float32, "csr", None)
+    x = rand(3, 96)
+    with torch.no_grad():
+        y1 = sak.ops.sparse_linear(x, w, backend="auto")
+        first = w.values._sak_dense_cache[1]
+        sak.ops.sparse_linear(x, w, backend="auto")
+        assert w.values._sak_dense_cache[1] is first
+        w.values.mul_(2.0)  # an optimizer step: new version, new dense weight
+        y2 = sak.ops.sparse_linear(x, w, backend="auto")
+        assert w.values._sak_dense_cache[1] is not first
+    torch.testing.assert_close(y2, 2 * y1)
+    torch.testing.assert_close(y2, sak.ops.sparse_linear(x, w, backend="reference"))
+    v = w.values.clone().requires_grad_(True)
+    wg = w.with_values(v)
+    sak.ops.sparse_linear(x, wg, backend="auto").sum().backward()
+    assert not hasattr(v, "_sak_dense_cache")
+    torch.testing.assert_close(v.grad, x.sum(0).repeat(64))
+
+
 def test_bad_kblock_env(monkeypatch):
     w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
     monkeypatch.setenv("SAK_CPU_KBLOCK", "yes")
@@ -679,9 +701,9 @@ def test_auto_uses_the_measured_crossover():
     x = rand(8, 768)
     limit = dispatch.CROSSOVER.get(("cpu", torch.float32, "csr", "linear", "cpu"))
     assert limit is not None, "the CPU crossover table has no fp32 CSR entry"
-    assert dispatch.choose_backend(x, sparse, "linear") == ("cpu" if sparse.density <= limit else "reference")
+    assert dispatch.choose_backend(x, sparse, "linear") == ("cpu" if sparse.density <= limit else "dense")
     assert dispatch.choose_backend(x, sparse, "linear") == "cpu"
-    assert dispatch.choose_backend(x, dense_ish, "linear") == "reference"
+    assert dispatch.choose_backend(x, dense_ish, "linear") == "dense"
     for dtype in (torch.float32, torch.bfloat16):
         for layout in ("csr", "bsr"):
             for op in ("linear", "adapter"):

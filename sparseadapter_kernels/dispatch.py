@@ -2,8 +2,9 @@
 
 ``CROSSOVER[(device_type, dtype, layout, op)]`` is the highest weight density at which the sparse
 kernel still beat dense math in our benchmarks (``benchmarks/results``); above it ``auto`` runs dense
-math (the reference path, i.e. one dense matmul on the masked weight). A missing entry means no kernel
-has been measured faster there, so ``auto`` stays dense.
+math (``"dense"``: one dense matmul on the masked weight, the dense weight kept while the values are
+unchanged and need no gradient). A missing entry means no kernel has been measured faster there, so
+``auto`` stays dense.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ _PREFERENCE = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
 
 
 def choose_backend(x: torch.Tensor, w, op: str) -> str:
-    """The backend ``auto`` runs for ``op`` ("linear" or "adapter") on these inputs."""
+    """The backend ``auto`` runs for ``op`` ("linear" or "adapter") on these inputs: a kernel backend
+    or ``"dense"`` (dense math, :func:`reference.sparse_linear` with the cached dense weight)."""
     from .ops import backend_usable
 
     for backend in _PREFERENCE.get(x.device.type, ()):
@@ -45,4 +47,4 @@ def choose_backend(x: torch.Tensor, w, op: str) -> str:
         limit = CROSSOVER.get((x.device.type, x.dtype, w.layout, op, backend))
         if limit is not None and w.density <= limit:
             return backend
-    return "reference"
+    return "dense"

@@ -246,6 +246,22 @@ class SparseWeight:
         """Dense ``[out, in]`` weight (differentiable w.r.t. ``values``)."""
         return self._scatter(self.values, 0)
 
+    def to_dense_cached(self) -> torch.Tensor:
+        """:meth:`to_dense`, kept on ``values`` and reused while they and the structure are unchanged
+        (same tensor version) when no gradient is needed: what ``backend="auto"`` runs dense math on
+        above the crossover in inference. Under autograd or torch.compile it is plain :meth:`to_dense`."""
+        v = self.values
+        if (torch.is_grad_enabled() and v.requires_grad) or torch.compiler.is_compiling():
+            return self.to_dense()
+        key = (v._version, self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.shape, self.layout,
+               self.block_size)
+        hit = getattr(v, "_sak_dense_cache", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        dense = self.to_dense()
+        v._sak_dense_cache = (key, dense)
+        return dense
+
     def _scatter(self, vals: torch.Tensor, fill) -> torch.Tensor:
         out_f, in_f = self.shape
         bh, bw = self.block_size

@@ -153,8 +153,8 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: Optional[torch.Tensor]
     backend = _resolve_backend(backend, x, w, "linear")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features).contiguous()
-    if backend == "reference":
-        y = reference.sparse_linear(x2, w, bias)
+    if backend in ("reference", "dense"):
+        y = reference.sparse_linear(x2, w, bias, cached=backend == "dense")
         return y.reshape(*lead, w.out_features)
     if backend == "triton":
         from . import triton as triton_backend
@@ -202,9 +202,10 @@ def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_b
     if residual is not None:
         # residual=x: pass the same tensor object twice, so the backward adds x's two gradients in the kernel
         residual = x2 if residual_is_x else residual.reshape(-1, up.out_features).contiguous()
-    if backend == "reference":
-        h = reference.sparse_linear(x2, down, down_bias)
-        out = reference.sparse_linear(reference.activation(h, activation), up, up_bias) * scale
+    if backend in ("reference", "dense"):
+        cached = backend == "dense"
+        h = reference.sparse_linear(x2, down, down_bias, cached)
+        out = reference.sparse_linear(reference.activation(h, activation), up, up_bias, cached) * scale
         if residual is not None:
             out = out + residual
     elif backend == "triton":

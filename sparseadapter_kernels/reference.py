@@ -150,6 +150,9 @@ def fused_adapter_backward(grad_out, x, hidden, down_values, down_crow_indices, 
     return grad_x, grad_down_values, grad_down_bias, grad_up_values, grad_up_bias
 
 
-def sparse_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The dense-mask path: ``F.linear(x, W_masked, bias)``; autograd gives every gradient."""
-    return F.linear(x, w.to_dense(), bias)
+def sparse_linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, cached: bool = False) -> torch.Tensor:
+    """The dense-mask path: ``F.linear(x, W_masked, bias)``; autograd gives every gradient. ``cached``
+    reuses the dense weight while the values are unchanged and need no gradient
+    (:meth:`SparseWeight.to_dense_cached`); without it the weight is rebuilt on every call, as the
+    official SparseAdapter code multiplies weight and mask on every forward."""
+    return F.linear(x, w.to_dense_cached() if cached else w.to_dense(), bias)
