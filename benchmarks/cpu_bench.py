@@ -221,72 +221,86 @@ def suite_adapter(args, dtypes, sparsities, r=R, name="adapter", dense_r=None, l
     return cases
 
 
+CROSSOVER_TOKENS = (1, 16, 256, 4096)
+
+
 def suite_crossover(args) -> List[dict]:
     """Density sweep for the dispatch table: the kernel (backend="cpu") against what ``auto`` runs
-    otherwise (backend="reference": dense math on the masked weight), for sparse_linear and
-    sparse_adapter forward, at several token counts and both projection shapes."""
+    otherwise (dense math on the dense weight, kept across calls as in inference: the fastest dense
+    option, so the crossover is conservative), for sparse_linear and sparse_adapter forward, at several
+    token counts and both projection shapes."""
     cases = []
-    densities = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-    for dtype in (torch.float32, torch.bfloat16):
-        for layout, block in (("csr", None), ("bsr", (16, 16)), ("bsr", (32, 32))):
-            for n in (args.n, 256, 16, 1):
-                reps = args.reps if n >= 256 else args.reps * 4
-                for shape in ((R, D), (D, R)):
-                    xs = fresh((n, shape[1]), dtype, args.rotate, seed=1)
+    densities = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    act = args.activation
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout, block in (("csr", None), ("bsr", (16, 16)), ("bsr", (32, 32))):
+                for n in CROSSOVER_TOKENS:
+                    reps = args.reps if n >= 256 else args.reps * 4
+                    for shape in ((R, D), (D, R)):
+                        xs = fresh((n, shape[1]), dtype, args.rotate, seed=1)
+                        for dens in densities:
+                            w, wm, _ = make_weight(shape, 1 - dens, dtype, layout, block)
+                            wm = wm.contiguous()
+                            cands = {"dense": lambda i: F.linear(xs[i % len(xs)], wm),
+                                     "cpu": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w, backend="cpu")}
+                            verify("crossover", cands["cpu"](0), cands["dense"](0), dtype)
+                            res = interleaved(cands, reps, args.warmup, "dense")
+                            cases.append({"suite": "crossover", "op": "linear", "dtype": str(dtype).split(".")[-1],
+                                          "layout": layout, "block": block,
+                                          "shape": {"N": n, "out": shape[0], "in": shape[1]},
+                                          "sparsity": 1 - dens, "density": w.density, "results": res})
+                            report(cases[-1], baseline="dense")
+                    xs = fresh((n, D), dtype, args.rotate, seed=1)
                     for dens in densities:
-                        w, wm, _ = make_weight(shape, 1 - dens, dtype, layout, block)
-                        cands = {"reference": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w, backend="reference"),
-                                 "cpu": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w, backend="cpu")}
-                        verify("crossover", cands["cpu"](0), cands["reference"](0), dtype)
-                        res = interleaved(cands, reps, args.warmup, "reference")
-                        cases.append({"suite": "crossover", "op": "linear", "dtype": str(dtype).split(".")[-1],
-                                      "layout": layout, "block": block,
-                                      "shape": {"N": n, "out": shape[0], "in": shape[1]},
-                                      "sparsity": 1 - dens, "density": w.density, "results": res})
-                        report(cases[-1], baseline="reference")
-                xs = fresh((n, D), dtype, args.rotate, seed=1)
-                for dens in densities:
-                    down, _, _ = make_weight((R, D), 1 - dens, dtype, layout, block, seed=3)
-                    up, _, _ = make_weight((D, R), 1 - dens, dtype, layout, block, seed=4)
+                        down, wdm, _ = make_weight((R, D), 1 - dens, dtype, layout, block, seed=3)
+                        up, wum, _ = make_weight((D, R), 1 - dens, dtype, layout,
+                                                 None if block is None else block[::-1], seed=4)
 
-                    def adapter(backend, i):
-                        x = xs[i % len(xs)]
-                        return sak.ops.sparse_adapter(x, down, up, activation=args.activation, residual=x,
-                                                      backend=backend)
+                        def kernel(i):
+                            x = xs[i % len(xs)]
+                            return sak.ops.sparse_adapter(x, down, up, activation=act, residual=x, backend="cpu")
 
-                    cands = {"reference": lambda i: adapter("reference", i), "cpu": lambda i: adapter("cpu", i)}
-                    verify("crossover adapter", cands["cpu"](0), cands["reference"](0), dtype)
-                    res = interleaved(cands, reps, args.warmup, "reference")
-                    cases.append({"suite": "crossover", "op": "adapter", "dtype": str(dtype).split(".")[-1],
-                                  "layout": layout, "block": block, "shape": {"N": n, "d": D, "r": R},
-                                  "sparsity": 1 - dens, "density": down.density, "results": res})
-                    report(cases[-1], baseline="reference")
+                        def dense(i):
+                            x = xs[i % len(xs)]
+                            return x + F.linear(ref.activation(F.linear(x, wdm), act), wum)
+
+                        cands = {"dense": dense, "cpu": kernel}
+                        verify("crossover adapter", cands["cpu"](0), cands["dense"](0), dtype)
+                        res = interleaved(cands, reps, args.warmup, "dense")
+                        cases.append({"suite": "crossover", "op": "adapter", "dtype": str(dtype).split(".")[-1],
+                                      "layout": layout, "block": block, "shape": {"N": n, "d": D, "r": R},
+                                      "sparsity": 1 - dens, "density": down.density, "results": res})
+                        report(cases[-1], baseline="dense")
     cases.append({"suite": "crossover_table", "table": crossover_table(cases)})
     print("crossover table:", json.dumps(cases[-1]["table"], indent=1))
     return cases
 
 
-def crossover_table(cases, margin=1.15) -> Dict[str, float]:
-    """Per (dtype, layout, op): the highest density at which the kernel beat the dense path by at least
-    ``margin`` at every measured token count and shape (and at every lower density too)."""
-    groups: Dict[tuple, Dict[float, bool]] = {}
+def crossover_table(cases, margin=1.15) -> Dict[str, Dict[int, float]]:
+    """Per (dtype, layout, op) and per token threshold n_min: the highest density at which the kernel
+    beat dense math by at least ``margin`` at every measured token count >= n_min, both shapes, every
+    block size of the layout, and at every lower density too (0 where even the lowest lost)."""
+    wins: Dict[tuple, Dict[float, Dict[int, bool]]] = {}
     for c in cases:
         if c["suite"] != "crossover":
             continue
-        layout = c["layout"] + (f"{c['block'][0]}x{c['block'][1]}" if c["block"] else "")
-        key = (c["dtype"], layout, c["op"])
-        ok = c["results"]["cpu"]["speedup_vs_reference"] >= margin
+        key = (c["dtype"], c["layout"], c["op"])
         dens = round(1 - c["sparsity"], 4)
-        groups.setdefault(key, {})
-        groups[key][dens] = groups[key].get(dens, True) and ok
+        ok = c["results"]["cpu"]["speedup_vs_dense"] >= margin
+        by_n = wins.setdefault(key, {}).setdefault(dens, {})
+        by_n[c["shape"]["N"]] = by_n.get(c["shape"]["N"], True) and ok
     table = {}
-    for key, by_density in groups.items():
-        best = 0.0
-        for dens in sorted(by_density):
-            if not by_density[dens]:
-                break
-            best = dens
-        table["/".join(key)] = best
+    for key, by_density in wins.items():
+        per_n = {}
+        for n_min in CROSSOVER_TOKENS:
+            best = 0.0
+            for dens in sorted(by_density):
+                if not all(ok for n, ok in by_density[dens].items() if n >= n_min):
+                    break
+                best = dens
+            per_n[n_min] = best
+        table["/".join(key)] = per_n
     return table
 
 
@@ -333,7 +347,8 @@ def main(argv=None):
     p.add_argument("--suite", default="projection,adapter,large_sparse,crossover")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rotate", type=int, default=2, help="input buffers cycled through")
+    p.add_argument("--rotate", type=int, default=5,
+                   help="input buffers cycled through (5 x the 12.6 MB activation: more than the 32 MB L3)")
     p.add_argument("--n", type=int, default=N, help="tokens")
     p.add_argument("--activation", default="silu")
     p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0 = torch's default")
