@@ -285,7 +285,8 @@ def markdown(doc) -> str:
     lines += ["", "## Training time per step: our kernels vs the dense-mask way", ""]
     t = doc["timing"]
     lines.append(f"Fixed batch of {t['batch_size']} x {t['seq_len']} tokens; median of {t['reps']} interleaved "
-                 f"repetitions after {t['warmup']} warm-up. `auto` resolved to: {t['auto_resolves_to']}. "
+                 f"repetitions after {t['warmup']} warm-up. `auto` (the training runs' backend) resolves to, for "
+                 f"this batch: {', '.join(f'{k}: {v}' for k, v in t['auto_resolves_to'].items())}. "
                  f"CPU kernel backend: {t['cpu_backend_status']}.")
     lines += ["", "| config | backend | full step (s) | ratio vs reference | adapters only fwd+bwd (ms) | "
                   "ratio vs reference |", "|---|---|---|---|---|---|"]
@@ -367,11 +368,13 @@ def main(argv=None):
         full = time_backends(model, tb, backends, args.timing_reps, 2)
         only = time_adapters_only(model, args.batch_size * seq, backends, args.timing_reps, 2)
         rows.append(dict(config=name, full_step_s=full, adapters_only_s=only))
-    probe = next(iter(last_models.values()))
-    lin = next(iter(integration._adapter_sparse_linears(probe).values()))
     from sparseadapter_kernels import dispatch
 
-    auto = dispatch.choose_backend(torch.randn(2, lin.in_features), lin.sparse_weight(), "adapter")
+    auto = {}  # what backend="auto" runs for the timing batch's tokens, per config
+    for name, model in last_models.items():
+        lin = next(iter(integration._adapter_sparse_linears(model).values()))
+        auto[name] = dispatch.choose_backend(torch.empty(args.batch_size * seq, lin.in_features), lin.sparse_weight(),
+                                             "adapter")
     notes = []
     if "cpu" not in backends:
         notes.append(f"The compiled CPU kernels were not available in this build ({status['cpu'][1]}), so only the "
