@@ -197,45 +197,51 @@ struct Kern {
   // ---------------------------------------------------------------------------------------------
   // Sparse rows: out[m - m_begin][0:T] = sum_k A[m, k] * inT[k][0:T] for m in [m_begin, m_end)
   // ---------------------------------------------------------------------------------------------
+  // a[u] + b[u] += sum over the entries k in [k, e) of vals[k] * inT[col[k]][u * W : (u + 1) * W]: two
+  // accumulator sets alternating, four entries per step with the four values loaded once
+  // (V::load4) and broadcast by in-register shuffles (loads, not FMAs, bound this loop).
+  static SAK_BODY_INLINE void accumulate_row(const A* vals, const int32_t* col, int64_t k, const int64_t e,
+                                             const A* inT, reg* a, reg* b) {
+    for (; k + 3 < e; k += 4) {
+      const reg v4 = V::load4(vals + k);
+      const A* p0 = inT + (int64_t)col[k] * T;
+      const A* p1 = inT + (int64_t)col[k + 1] * T;
+      const A* p2 = inT + (int64_t)col[k + 2] * T;
+      const A* p3 = inT + (int64_t)col[k + 3] * T;
+      const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
+      for (int u = 0; u < U; u++) {
+        a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+        b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
+      }
+      const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
+      for (int u = 0; u < U; u++) {
+        a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
+        b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
+      }
+    }
+    for (; k + 1 < e; k += 2) {
+      const reg v0 = V::set1(vals[k]), v1 = V::set1(vals[k + 1]);
+      const A* p0 = inT + (int64_t)col[k] * T;
+      const A* p1 = inT + (int64_t)col[k + 1] * T;
+      for (int u = 0; u < U; u++) {
+        a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+        b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
+      }
+    }
+    if (k < e) {
+      const reg v0 = V::set1(vals[k]);
+      const A* p0 = inT + (int64_t)col[k] * T;
+      for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+    }
+  }
+
   static void csr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t m_begin, int64_t m_end,
                        const A* inT, A* out, Prefetch* pf) {
     for (int64_t m = m_begin; m < m_end; m++) {
       if (pf) pf->step();
       reg a[U], b[U];
       for (int u = 0; u < U; u++) { a[u] = V::zero(); b[u] = V::zero(); }
-      int64_t k = crow[m];
-      const int64_t e = crow[m + 1];
-      for (; k + 3 < e; k += 4) {
-        const reg v4 = V::load4(vals + k);
-        const A* p0 = inT + (int64_t)col[k] * T;
-        const A* p1 = inT + (int64_t)col[k + 1] * T;
-        const A* p2 = inT + (int64_t)col[k + 2] * T;
-        const A* p3 = inT + (int64_t)col[k + 3] * T;
-        const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
-        for (int u = 0; u < U; u++) {
-          a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-          b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-        }
-        const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
-        for (int u = 0; u < U; u++) {
-          a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
-          b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
-        }
-      }
-      for (; k + 1 < e; k += 2) {
-        const reg v0 = V::set1(vals[k]), v1 = V::set1(vals[k + 1]);
-        const A* p0 = inT + (int64_t)col[k] * T;
-        const A* p1 = inT + (int64_t)col[k + 1] * T;
-        for (int u = 0; u < U; u++) {
-          a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-          b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-        }
-      }
-      if (k < e) {
-        const reg v0 = V::set1(vals[k]);
-        const A* p0 = inT + (int64_t)col[k] * T;
-        for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-      }
+      accumulate_row(vals, col, crow[m], crow[m + 1], inT, a, b);
       A* o = out + (m - m_begin) * T;
       for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
     }
@@ -293,34 +299,13 @@ struct Kern {
     const int32_t* kp = S.kptr + c * (S.rows() + 1);
     for (int64_t m = m_begin; m < m_end; m++) {
       if (pf) pf->step();
-      int64_t k = kp[m];
+      const int64_t k = kp[m];
       const int64_t e = kp[m + 1];
       if (k == e) continue;
       A* o = out + (m - m_begin) * T;
       reg a[U], b[U];
       for (int u = 0; u < U; u++) { a[u] = V::load(o + u * W); b[u] = V::zero(); }
-      for (; k + 3 < e; k += 4) {
-        const reg v4 = V::load4(vals + k);
-        const A* p0 = inT + (int64_t)col[k] * T;
-        const A* p1 = inT + (int64_t)col[k + 1] * T;
-        const A* p2 = inT + (int64_t)col[k + 2] * T;
-        const A* p3 = inT + (int64_t)col[k + 3] * T;
-        const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
-        for (int u = 0; u < U; u++) {
-          a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-          b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-        }
-        const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
-        for (int u = 0; u < U; u++) {
-          a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
-          b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
-        }
-      }
-      for (; k < e; k++) {
-        const reg v0 = V::set1(vals[k]);
-        const A* p0 = inT + (int64_t)col[k] * T;
-        for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-      }
+      accumulate_row(vals, col, k, e, inT, a, b);
       for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
     }
   }
@@ -522,7 +507,7 @@ struct Kern {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-            A* dyT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.M + a.K) * T));
+      A* dyT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.M + a.K) * T));
       A* xT = dyT + (size_t)a.M * T;
       A* g = partial + (size_t)tid * nnz;
       if (dyT) {
@@ -574,7 +559,7 @@ struct Kern {
     {
       Scratch& scratch = thread_scratch();
       int64_t tb, te;
-            A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
+      A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
       if (xT) {
         A* hT = xT + (size_t)a.d * T;
         A* aT = hT + (size_t)rpad * T;
@@ -635,7 +620,7 @@ struct Kern {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-            A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + W) * T));
+      A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + W) * T));
       if (gT) {
         A* xT = gT + (size_t)a.d_out * T;
         A* hT = xT + (size_t)a.d * T;
