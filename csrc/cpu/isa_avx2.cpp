@@ -88,6 +88,19 @@ struct V {
   static SAK_INLINE void stream(float* p, reg v) { _mm256_stream_ps(p, v); }
   static SAK_INLINE void stream(uint16_t* p, reg v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
   static SAK_INLINE void stream_fence() { _mm_sfence(); }
+  // one 64-byte line from aligned scratch to dst (streamed: dst aligned)
+  static SAK_INLINE void copy_line(void* dst, const void* src, bool nontemporal) {
+    const __m256i* s = static_cast<const __m256i*>(src);
+    __m256i* d = static_cast<__m256i*>(dst);
+    const __m256i a = _mm256_load_si256(s), b = _mm256_load_si256(s + 1);
+    if (nontemporal) {
+      _mm256_stream_si256(d, a);
+      _mm256_stream_si256(d + 1, b);
+    } else {
+      _mm256_storeu_si256(d, a);
+      _mm256_storeu_si256(d + 1, b);
+    }
+  }
 
   static SAK_INLINE void transpose(reg r[8]) {
     reg t[8], s[8];

@@ -122,14 +122,15 @@ static void dp_to_tokens(float* acc, int64_t M) {
 
 // Per tile of 32 tokens: for each chunk of kchunk features (all of them when not K-blocked), the
 // chunk of x is transposed into the bf16 scratch (L1 for a 128-feature chunk) and every row's pairs
-// in that chunk are accumulated; then the rows are stored token-major 16 at a time.
+// in that chunk are accumulated; then the rows are stored token-major 32 at a time (whole lines).
 static void spmm_dp(const SpmmArgs& a) {
   using K32 = Kern<V, TT>;
   const int64_t ntiles = (a.N + TT - 1) / TT;
   const int nth = (int)imax(1, imin(a.cfg.threads, ntiles));
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   uint16_t* y = static_cast<uint16_t*>(a.y);
-  const int64_t M = a.A.rows(), KC = a.A.kchunk, KP = (KC + 1) / 2, Mpad = (M + 15) / 16 * 16;
+  constexpr int LR = K32::line_rows<bf16_t>();  // 32 rows: one 64-byte line of bf16 outputs per token
+  const int64_t M = a.A.rows(), KC = a.A.kchunk, KP = (KC + 1) / 2, Mpad = (M + LR - 1) / LR * LR;
   const bool stream = K32::stream_ok(y, a.ldy, a.cfg.stream);
   TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
@@ -156,8 +157,8 @@ static void spmm_dp(const SpmmArgs& a) {
           rows_dp(a.A, c, xT16, acc);
         }
         dp_to_tokens(acc, M);
-        for (int64_t m0 = 0; m0 < M; m0 += 16)
-          K32::store_tile<bf16_t>(acc + m0 * TT, (int)imin(16, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, 1.0f,
+        for (int64_t m0 = 0; m0 < M; m0 += LR)
+          K32::store_tile<bf16_t>(acc + m0 * TT, (int)imin(LR, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, 1.0f,
                                   nullptr, 0, stream);
       }
       if (stream) V::stream_fence();

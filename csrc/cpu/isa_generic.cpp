@@ -105,6 +105,7 @@ struct VG {
   template <class S>
   static inline void stream(S* p, const reg& v) { store_n(p, v, W); }
   static inline void stream_fence() {}
+  static inline void copy_line(void* dst, const void* src, bool) { std::memcpy(dst, src, 64); }
 
   static inline void transpose(reg r[8]) {
     reg t[8];

@@ -163,33 +163,54 @@ struct Kern {
     }
   }
 
-  // y[t, m0 + i] <- f(chunk[i][t]) for i < rows, t < nt, with f(v) = (v + bias[m0 + i]) * alpha
-  // + res[t, m0 + i] (bias, res optional). `chunk` has row stride T.
+  // Output rows stored together per token: W, or as many W-row groups as fill a 64-byte line of the
+  // storage type (bf16 on AVX-512, anything on AVX2), so every token's line is written at once.
+  template <class S>
+  static constexpr int line_rows() { return W * sizeof(S) >= 64 ? W : (int)(64 / sizeof(S)); }
+
+  // y[t, m0 + i] <- f(chunk[i][t]) for i < rows <= line_rows<S>(), t < nt, with f(v) = (v + bias[m0 + i])
+  // * alpha + res[t, m0 + i] (bias, res optional). `chunk` has row stride T. Each W-row group is
+  // transposed in registers; with several groups per line the results meet in a small staging
+  // buffer and each token's line is copied out whole (streamed when `stream` and the line is full).
   template <class S>
   static void store_tile(const A* chunk, int rows, int64_t m0, int nt, S* y, int64_t ldy, const S* bias,
                          A alpha, const S* res, int64_t ldres, bool stream = false) {
+    constexpr int LR = line_rows<S>(), G = LR / W;
     const reg va = V::set1(alpha);
     const bool scale = alpha != A(1);
-    reg vb = V::zero();
-    if (bias) vb = V::load_n(bias + m0, rows);
+    const bool nontemporal = stream && rows == LR && V::HAS_STREAM;
+    alignas(64) S stage[G > 1 ? W * LR : 1];
     for (int t0 = 0; t0 < nt; t0 += W) {
-      reg r[W];
-      if (rows == W) {
-        for (int i = 0; i < W; i++) r[i] = V::load(chunk + (int64_t)i * T + t0);
-      } else {
-        for (int i = 0; i < W; i++) r[i] = i < rows ? V::load(chunk + (int64_t)i * T + t0) : V::zero();
-      }
-      V::transpose(r);
       const int cnt = (int)imin(W, nt - t0);
-      S* dst = y + (int64_t)t0 * ldy + m0;
-      const bool nontemporal = stream && rows == W && V::HAS_STREAM;
-      for (int j = 0; j < cnt; j++) {
-        reg v = r[j];
-        if (bias) v = V::add(v, vb);
-        if (scale) v = V::mul(v, va);
-        if (res) v = V::add(v, V::load_n(res + (int64_t)(t0 + j) * ldres + m0, rows));
-        if (nontemporal) V::stream(dst + j * ldy, v);
-        else V::store_n(dst + j * ldy, v, rows);
+      for (int g = 0; g < G && g * W < rows; g++) {
+        const int gr = (int)imin(W, rows - g * W);
+        const A* src = chunk + (int64_t)g * W * T + t0;
+        const int64_t mg = m0 + g * W;
+        reg r[W];
+        if (gr == W) {
+          for (int i = 0; i < W; i++) r[i] = V::load(src + (int64_t)i * T);
+        } else {
+          for (int i = 0; i < W; i++) r[i] = i < gr ? V::load(src + (int64_t)i * T) : V::zero();
+        }
+        V::transpose(r);
+        const reg vb = bias ? V::load_n(bias + mg, gr) : V::zero();
+        for (int j = 0; j < cnt; j++) {
+          reg v = r[j];
+          if (bias) v = V::add(v, vb);
+          if (scale) v = V::mul(v, va);
+          if (res) v = V::add(v, V::load_n(res + (int64_t)(t0 + j) * ldres + mg, gr));
+          S* dst = y + (int64_t)(t0 + j) * ldy + mg;
+          if (G > 1) V::store_n(stage + j * LR + g * W, v, gr);
+          else if (nontemporal) V::stream(dst, v);
+          else V::store_n(dst, v, gr);
+        }
+      }
+      if (G > 1) {
+        for (int j = 0; j < cnt; j++) {
+          S* dst = y + (int64_t)(t0 + j) * ldy + m0;
+          if (rows == LR) V::copy_line(dst, stage + j * LR, nontemporal);
+          else std::memcpy(dst, stage + j * LR, (size_t)rows * sizeof(S));
+        }
       }
     }
   }
@@ -347,22 +368,24 @@ struct Kern {
       bsr_rows(vals, S.crow, S.col, S.bh, S.bw, m_begin, m_end, inT, out, pf);
   }
 
-  // Streaming (non-temporal) stores need every stored vector to be a whole, aligned cache line.
+  // Streaming (non-temporal) stores need every stored line to be a whole, aligned cache line.
   template <class Sto>
   static bool stream_ok(const Sto* y, int64_t ldy, bool want) {
-    return want && (reinterpret_cast<uintptr_t>(y) % 64 == 0) && ((ldy * (int64_t)sizeof(Sto)) % 64 == 0) &&
-           W * sizeof(Sto) >= 32;
+    return want && V::HAS_STREAM && (reinterpret_cast<uintptr_t>(y) % 64 == 0) &&
+           ((ldy * (int64_t)sizeof(Sto)) % 64 == 0);
   }
 
-  // All output rows of S applied to inT, W rows at a time, stored token-major through store_tile.
+  // All output rows of S applied to inT, line_rows<Sto>() rows at a time (`chunk` holds that many
+  // rows of T), stored token-major through store_tile.
   template <class Sto>
   static void rows_to_tokens(const SparseOperand& S, const A* inT, A* chunk, int nt, Sto* y, int64_t ldy,
                              const Sto* bias, A alpha, const Sto* res, int64_t ldres, Prefetch* pf,
                              bool stream = false) {
     const int64_t M = S.rows();
+    constexpr int LR = line_rows<Sto>();
     stream = stream_ok(y, ldy, stream);
-    for (int64_t m0 = 0; m0 < M; m0 += W) {
-      const int rws = (int)imin(W, M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += LR) {
+      const int rws = (int)imin(LR, M - m0);
       rows(S, m0, m0 + rws, inT, chunk, pf);
       store_tile<Sto>(chunk, rws, m0, nt, y, ldy, bias, alpha, res, ldres, stream);
     }
@@ -458,8 +481,9 @@ struct Kern {
     const bool kblocked = a.A.kptr != nullptr;
     // scratch: the feature-major tile (kblocked: one chunk of it) and the output rows (kblocked: all
     // M rows, accumulated across chunks; else W rows at a time)
+    constexpr int LR = line_rows<S>();
     const size_t tile_feats = kblocked ? (size_t)a.A.kchunk : (size_t)a.K;
-    const size_t out_rows = kblocked ? (size_t)((M + W - 1) / W * W) : (size_t)W;
+    const size_t out_rows = kblocked ? (size_t)((M + LR - 1) / LR * LR) : (size_t)LR;
     TileQueue queue(ntiles, nth);
 #pragma omp parallel num_threads(nth)
     {
@@ -477,8 +501,8 @@ struct Kern {
           if (kblocked) {
             pf.plan(M * a.A.kchunks);
             kblocked_from_tokens<S>(a.A, x + n0 * a.ldx, a.ldx, nt, a.K, xT, chunk, &pf);
-            for (int64_t m0 = 0; m0 < M; m0 += W)
-              store_tile<S>(chunk + m0 * T, (int)imin(W, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1),
+            for (int64_t m0 = 0; m0 < M; m0 += LR)
+              store_tile<S>(chunk + m0 * T, (int)imin(LR, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1),
                             nullptr, 0, stream_ok(y, a.ldy, a.cfg.stream));
           } else {
             pf.plan(M);
@@ -559,7 +583,7 @@ struct Kern {
     {
       Scratch& scratch = thread_scratch();
       int64_t tb, te;
-      A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + W) * T));
+      A* xT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d + 2 * rpad + line_rows<S>()) * T));
       if (xT) {
         A* hT = xT + (size_t)a.d * T;
         A* aT = hT + (size_t)rpad * T;
@@ -588,9 +612,9 @@ struct Kern {
               for (int u = 0; u < U; u++) V::store(hT + j * T + u * W, V::add(V::load(hT + j * T + u * W), vb));
             }
           }
-          for (int64_t m0 = 0; m0 < a.r; m0 += W)
-            store_tile<S>(hT + m0 * T, (int)imin(W, a.r - m0), m0, nt, hidden + n0 * a.r, a.r, nullptr, A(1),
-                          nullptr, 0);
+          for (int64_t m0 = 0; m0 < a.r; m0 += line_rows<S>())
+            store_tile<S>(hT + m0 * T, (int)imin(line_rows<S>(), a.r - m0), m0, nt, hidden + n0 * a.r, a.r, nullptr,
+                          A(1), nullptr, 0);
           act_fwd(hT, aT, a.r * T, a.act);
           rows_to_tokens<S>(a.up, aT, chunk, nt, out + n0 * a.d_out, a.d_out, bu, (A)a.scale,
                             res ? res + n0 * a.ldres : nullptr, a.ldres, &pf, a.cfg.stream);
@@ -620,7 +644,7 @@ struct Kern {
       Scratch& scratch = thread_scratch();
       const int tid = omp_get_thread_num();
       int64_t tb, te;
-      A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + W) * T));
+      A* gT = static_cast<A*>(scratch.get(sizeof(A) * (size_t)(a.d_out + a.d + 3 * rpad + line_rows<S>()) * T));
       if (gT) {
         A* xT = gT + (size_t)a.d_out * T;
         A* hT = xT + (size_t)a.d * T;

@@ -70,6 +70,12 @@ struct V {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
   }
   static SAK_INLINE void stream_fence() { _mm_sfence(); }
+  // one 64-byte line from aligned scratch to dst (streamed: dst aligned)
+  static SAK_INLINE void copy_line(void* dst, const void* src, bool nontemporal) {
+    const __m512i v = _mm512_load_si512(src);
+    if (nontemporal) _mm512_stream_si512(static_cast<__m512i*>(dst), v);
+    else _mm512_storeu_si512(dst, v);
+  }
 
   // --- 16 x 16 transpose in registers: 4 stages of 16 two-source shuffles
   static SAK_INLINE void transpose(reg r[16]) {
