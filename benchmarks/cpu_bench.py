@@ -221,6 +221,33 @@ def suite_adapter(args, dtypes, sparsities, r=R, name="adapter", dense_r=None, l
     return cases
 
 
+def suite_floor(args) -> List[dict]:
+    """How close the projections get to the memory system: in one interleaved loop, the kernel on a
+    weight with almost nothing kept (sparsity 0.999: its fixed cost, transposes and the activation
+    traffic), the kernel at 0.9, dense, and plain memory passes of the same bytes: reading x
+    (``x.sum()``), writing a fresh y (``torch.empty(...).zero_()``) and copying x (``x.clone()``)."""
+    cases = []
+    for proj, shape in (("down", (R, D)), ("up", (D, R))):
+        xs = fresh((args.n, shape[1]), torch.float32, args.rotate, seed=1)
+        w9, wm9, _ = make_weight(shape, 0.9, torch.float32, "csr", None)
+        w0, _, _ = make_weight(shape, 0.999, torch.float32, "csr", None)
+        wm9 = wm9.contiguous()
+        n_out = shape[0]
+        cands = {"dense": lambda i: xs[i % len(xs)] @ wm9.T,
+                 "cpu_s0.9": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w9, backend="cpu"),
+                 "cpu_s0.999": lambda i: sak.ops.sparse_linear(xs[i % len(xs)], w0, backend="cpu"),
+                 "read_x": lambda i: xs[i % len(xs)].sum(),
+                 "write_y": lambda i: torch.empty(args.n, n_out).zero_(),
+                 "copy_x": lambda i: xs[i % len(xs)].clone()}
+        verify("floor", cands["cpu_s0.9"](0), cands["dense"](0), torch.float32)
+        res = interleaved(cands, args.reps, args.warmup, "dense")
+        cases.append({"suite": "floor", "op": f"{proj} forward", "dtype": "float32", "layout": "csr", "block": None,
+                      "shape": {"N": args.n, "out": shape[0], "in": shape[1]}, "sparsity": 0.9, "density": w9.density,
+                      "bytes": {"x": xs[0].nbytes, "y": args.n * n_out * 4}, "results": res})
+        report(cases[-1])
+    return cases
+
+
 CROSSOVER_TOKENS = (1, 16, 256, 4096)
 
 
@@ -344,7 +371,7 @@ def provenance(argv) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default="projection,adapter,large_sparse,crossover")
+    p.add_argument("--suite", default="projection,adapter,large_sparse,floor,crossover")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rotate", type=int, default=5,
@@ -378,6 +405,8 @@ def main(argv=None):
                                    (0.8,) if args.quick else (0.5, 0.8, 0.9, 0.95))
         if "large_sparse" in suites:
             cases += suite_adapter(args, [torch.float32], (0.75,), r=4 * R, name="large_sparse", dense_r=R)
+        if "floor" in suites:
+            cases += suite_floor(args)
         if "crossover" in suites and not args.quick:
             cases += suite_crossover(args)
     prov["load_average_end"] = list(os.getloadavg())

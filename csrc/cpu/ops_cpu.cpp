@@ -3,8 +3,9 @@
 // kernels themselves are in isa_*.cpp (built from kernel_body.h).
 //
 // ISA: AVX-512 (F/BW/VL/DQ) when the CPU has it, else AVX2+FMA, else the portable kernels; float64
-// always runs the portable kernels. SAK_CPU_ISA=auto|avx512|avx2|generic overrides (read per call,
-// so tests can compare paths); SAK_CPU_TILE=16|32|64 overrides the token tile (benchmarks).
+// always runs the portable kernels. SAK_CPU_ISA=auto|avx512bf16|avx512|avx2|generic overrides (read per
+// call, so tests can compare paths); SAK_CPU_TILE=16|32|64 overrides the token tile, SAK_CPU_STREAM and
+// SAK_CPU_KBLOCK=auto|0|1 the non-temporal stores and the K-blocking (tests, benchmarks).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
