@@ -197,6 +197,9 @@ def _run_fused(N, d, r, dtype, act, layout="csr", block=None, sparsity=0.6, resi
     for name, got, want, k in zip(("grad_x", "grad_down_values", "grad_down_bias", "grad_up_values", "grad_up_bias"),
                                   grads, rgrads, (r + d, N * 4, N * 4, N * 4, N)):
         check(got, want, dtype, k, name)
+    # residual = x: the residual's gradient folded into grad_x
+    gx_add = lib.fused_adapter_backward(go, x, hidden, *_fused_bwd_args(down, up), act, scale, True)[0]
+    check(gx_add, rgrads[0] + go.double(), dtype, r + d, "grad_x + grad_out")
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "silu", "identity"])
