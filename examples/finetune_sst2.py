@@ -132,7 +132,7 @@ def run_one(name, kw, seed, args, train, dev_batches, path, tqdm):
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = load_model(path, seed)
-    cfg = sak.SparseAdapterConfig(**kw, seed=seed, backend=args.backend)
+    cfg = sak.SparseAdapterConfig(**kw, bottleneck=args.bottleneck, seed=seed, backend=args.backend)
     prune_rng = random.Random(1000 + seed)
     prune_data = [collate(prune_rng.sample(train, args.prune_batch_size)) for _ in range(args.prune_batches)]
     t0 = time.perf_counter()
@@ -267,7 +267,8 @@ def markdown(doc) -> str:
              f"- Optimizer: AdamW lr {a['lr']}, weight decay {a['weight_decay']}, linear warm-up 6% then decay; "
              f"seeds {a['seeds']}",
              f"- Pruning at init: {a['prune_batches']} batches of {a['prune_batch_size']} training examples "
-             "(SNIP), exact count, global scope; Houlsby bottleneck d/16 = 24 (Large-Sparse: 96 at 0.75)",
+             f"(SNIP), exact count, global scope; Houlsby bottleneck {a['bottleneck']} (Large-Sparse: "
+             f"{4 * a['bottleneck']} at 0.75)",
              f"- Machine: {doc['provenance']['cpu']} ({doc['provenance']['threads']} threads), torch "
              f"{doc['provenance']['torch']}, transformers {doc['provenance']['transformers']}, commit "
              f"{doc['provenance']['git_commit']}, {doc['provenance']['date']}",
@@ -312,6 +313,8 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--bottleneck", type=int, default=None,
+                   help="Houlsby bottleneck r (default: the preset's d/16 = 24; the paper uses 64)")
     p.add_argument("--prune-batches", type=int, default=10)
     p.add_argument("--prune-batch-size", type=int, default=32)
     p.add_argument("--configs", nargs="+", default=None, help="subset of config names (default: all)")
@@ -385,7 +388,7 @@ def main(argv=None):
                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                    seeds=args.seeds, max_len=args.max_len, prune_batches=args.prune_batches,
                    prune_batch_size=args.prune_batch_size, data_seed=args.data_seed, backend=args.backend,
-                   data_dir=args.data_dir),
+                   data_dir=args.data_dir, bottleneck=args.bottleneck or 384 // 16),
         provenance=dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                         transformers=transformers.__version__, python=platform.python_version(),
                         sparseadapter_kernels=sak.__version__, git_commit=git_commit(),
