@@ -349,8 +349,10 @@ def report(case, baseline="dense"):
 
 def provenance(argv) -> dict:
     from sparseadapter_kernels.bench.provenance import collect
+    from sparseadapter_kernels.bench.timing import steady_allocator
 
     info = collect(argv)
+    info["allocator"] = steady_allocator()  # no implementation pays page faults for memory another one freed
     info["command"] = " ".join(["python", "benchmarks/cpu_bench.py", *argv])
     flags = set(info.get("cpu_flags") or [])
     env_isa = os.environ.get("SAK_CPU_ISA", "auto")

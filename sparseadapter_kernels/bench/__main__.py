@@ -33,8 +33,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .impls import discover_backends
     from .shapes import all_problems
 
+    from .timing import steady_allocator
+
     t0 = time.perf_counter()
+    allocator = "default (--default-malloc)" if args.default_malloc else steady_allocator()
     prov = provenance.collect(argv, cfg.device)
+    prov["allocator"] = allocator
     _, skipped = discover_backends(cfg.device)
     backends = {"timed": list(cfg.backends), "skipped": {k: v for k, v in skipped.items() if k not in cfg.backends}}
     report.emit(report.format_header(prov, backends))

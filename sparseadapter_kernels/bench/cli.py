@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--buffers", type=_nonneg_int, default=0,
                    help="rotating input buffers (default: 0 = enough to exceed the caches)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    t.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (default: keep freed memory in the process, so no "
+                        "implementation is timed paying page faults for memory another one just returned)")
     t.add_argument("--seed", type=int, default=0, help="random seed of weights, masks and inputs (default: 0)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="bench_out", metavar="DIR",

@@ -166,7 +166,8 @@ def format_header(prov: dict, backends: dict) -> List[str]:
              f"device {prov['device']}: CPU {prov['cpu_model']} ({prov['cpu_usable']} usable cores, "
              f"{prov['torch_threads']} torch threads; {' '.join(prov['cpu_flags'])})"
              + (f"; GPU {gpu['name']}" if gpu else ""),
-             f"torch {prov['torch']}, triton {prov.get('triton') or 'not installed'}, python {prov['python']}"]
+             f"torch {prov['torch']}, triton {prov.get('triton') or 'not installed'}, python {prov['python']}"
+             + (f"; allocator: {prov['allocator']}" if prov.get("allocator") else "")]
     load = prov.get("load_average")
     if load and load[0] > (prov.get("cpu_usable") or 1) and not prov["device"].startswith("cuda"):
         lines.append(f"WARNING: the machine is busy (load average {load[0]:.1f} on {prov['cpu_usable']} cores): "
