@@ -36,8 +36,10 @@ test: build cmake-build
 	# Triton kernels on the CPU: TRITON_INTERPRET must be set before triton is imported, hence its own process
 	TRITON_INTERPRET=1 $(PY) -m pytest python_tests/test_triton.py -m interpret -q -p no:cacheprovider
 
+# THP_MEM_ALLOC_ENABLE=1: torch backs tensors of >= 2 MB with huge pages, so outputs of more than 32 MiB
+# (always mmapped fresh by glibc) fault in 2 MB at a time in every implementation (docs/benchmarking.md)
 bench: build
-	$(PY) -m sparseadapter_kernels.bench
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m sparseadapter_kernels.bench
 
 clean:
 	rm -rf build *.egg-info sparseadapter_kernels/_C*.so

@@ -186,6 +186,7 @@ def peak_rows(cfg: SweepConfig) -> Dict[str, object]:
                        "seed": cfg.seed, "threads": torch.get_num_threads()})
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
                PYTHONWARNINGS="ignore")
+    env.pop("THP_MEM_ALLOC_ENABLE", None)  # 4 KB pages: the RSS high-water mark counts what was touched
     try:
         proc = subprocess.run([sys.executable, "-m", "sparseadapter_kernels.bench.memory", spec], env=env,
                               capture_output=True, text=True, timeout=PEAK_TIMEOUT_S)

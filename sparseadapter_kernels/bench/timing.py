@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import statistics
 import sys
 import time
@@ -13,21 +14,26 @@ import torch
 
 
 def steady_allocator() -> str:
-    """Make glibc keep freed memory in the process: serve blocks up to 32 MiB (its maximum) from the
-    heap instead of fresh ``mmap`` s, and never trim the heap. Otherwise, when implementations with
-    different allocation patterns run round-robin, some calls get every output page fresh from the
-    kernel (measured: 3072 page faults, 2.5-4 ms, per 12.6 MB output, on every call of the reference
-    and torch.sparse paths), which times the allocator, not the implementation. Applies to every
+    """Keep page faults out of the timings: make glibc serve blocks up to 32 MiB (its maximum) from
+    the heap instead of fresh ``mmap`` s, and never trim the heap. Otherwise, when implementations
+    with different allocation patterns run round-robin, some calls get every output page fresh from
+    the kernel (measured here: 3072 faults, 2.5-4 ms, per 12.6 MB output on every call of the
+    reference and torch.sparse paths), which times the operating system, not the implementation.
+    Larger blocks are always mmapped (12289 faults, ~20 ms, per 50 MB output of any implementation);
+    PyTorch's own ``THP_MEM_ALLOC_ENABLE=1``, which must be in the environment before torch allocates
+    (``make bench`` sets it), backs them with 2 MB pages instead (536 faults). Applies to every
     implementation alike; returns what was done, for the provenance."""
-    if not sys.platform.startswith("linux"):
-        return "default (not glibc)"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
-    except (OSError, AttributeError):
-        return "default (no glibc mallopt)"
-    return "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB" if ok else "default (mallopt refused)"
+    done = []
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+            if libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1:
+                done.append("glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB")
+        except (OSError, AttributeError):
+            pass
+    done.append(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    return "; ".join(done) or "default"
 
 
 @dataclass
