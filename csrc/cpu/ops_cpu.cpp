@@ -375,100 +375,101 @@ bool want_kblock(int64_t N, int64_t n_cols, int64_t rows, int64_t nnz, int64_t e
   return N * n_cols * elem_bytes >= KBLOCK_MIN_X_BYTES && n_cols > 256 && rows > 0 && nnz / rows >= 32;
 }
 
+// The entries of a CSR structure grouped by (chunk of `chunk` columns, row), chunk-major, stable within
+// a row: order[i] is the i-th entry, group (c, m) is [start[c * M + m], start[c * M + m + 1]). A
+// counting sort, O(nnz + chunks * rows); rows need not be sorted by column.
+struct ChunkOrder {
+  std::vector<int32_t> order, start;
+  int64_t chunks;
+};
+
+ChunkOrder chunk_order(const int32_t* crow, const int32_t* col, int64_t M, int64_t n_cols, int64_t chunk) {
+  ChunkOrder o;
+  o.chunks = std::max<int64_t>(1, (n_cols + chunk - 1) / chunk);
+  o.start.assign(o.chunks * M + 1, 0);
+  for (int64_t m = 0; m < M; m++)
+    for (int32_t k = crow[m]; k < crow[m + 1]; k++) o.start[(col[k] / chunk) * M + m + 1]++;
+  for (int64_t i = 0; i < o.chunks * M; i++) o.start[i + 1] += o.start[i];
+  std::vector<int32_t> next(o.start.begin(), o.start.end() - 1);
+  o.order.resize(crow[M]);
+  for (int64_t m = 0; m < M; m++)
+    for (int32_t k = crow[m]; k < crow[m + 1]; k++) o.order[next[(col[k] / chunk) * M + m]++] = k;
+  return o;
+}
+
 struct KBlocked {
   Tensor values, col, kptr;
 };
 
 // Regroup a CSR operand (values already prepared) chunk-major, columns relative to their chunk (see
-// SparseOperand::kptr): a counting sort by (chunk, row), O(nnz + chunks * rows), stable within a row.
+// SparseOperand::kptr).
 KBlocked kblock_operand(SparseOperand& op, int64_t n_cols, const Tensor& prepared_values) {
   KBlocked kb;
-  const int64_t M = op.rows(), nnz = op.nblocks, nch = (n_cols + KCHUNK - 1) / KCHUNK;
+  const int64_t M = op.rows(), nnz = op.nblocks;
+  const ChunkOrder o = chunk_order(op.crow, op.col, M, n_cols, KCHUNK);
   kb.values = at::empty({nnz}, prepared_values.options());
   kb.col = at::empty({nnz}, at::kInt);
-  kb.kptr = at::empty({nch * (M + 1)}, at::kInt);
+  kb.kptr = at::empty({o.chunks * (M + 1)}, at::kInt);
   int32_t* kp = kb.kptr.data_ptr<int32_t>();
   int32_t* kc = kb.col.data_ptr<int32_t>();
-  const int32_t* cr = op.crow;
-  const int32_t* cl = op.col;
-  // counts per (chunk, row) -> starts, in chunk-major order
-  std::vector<int32_t> start(nch * M + 1, 0);
-  for (int64_t m = 0; m < M; m++)
-    for (int32_t k = cr[m]; k < cr[m + 1]; k++) start[(cl[k] / KCHUNK) * M + m + 1]++;
-  for (int64_t i = 0; i < nch * M; i++) start[i + 1] += start[i];
-  for (int64_t c = 0; c < nch; c++) {
-    for (int64_t m = 0; m < M; m++) kp[c * (M + 1) + m] = start[c * M + m];
-    kp[c * (M + 1) + M] = start[(c + 1) * M];
-  }
+  for (int64_t c = 0; c < o.chunks; c++)
+    for (int64_t m = 0; m <= M; m++) kp[c * (M + 1) + m] = o.start[c * M + m];
   const size_t esz = prepared_values.element_size();
   const char* vin = static_cast<const char*>(op.values);
   char* vout = static_cast<char*>(kb.values.data_ptr());
-  for (int64_t m = 0; m < M; m++)
-    for (int32_t k = cr[m]; k < cr[m + 1]; k++) {
-      const int64_t c = cl[k] / KCHUNK;
-      const int32_t e = start[c * M + m]++;
-      kc[e] = (int32_t)(cl[k] - c * KCHUNK);
-      std::memcpy(vout + (size_t)e * esz, vin + (size_t)k * esz, esz);
-    }
+  for (int64_t e = 0; e < nnz; e++) {
+    const int32_t k = o.order[e];
+    kc[e] = op.col[k] % KCHUNK;
+    std::memcpy(vout + (size_t)e * esz, vin + (size_t)k * esz, esz);
+  }
   op.values = vout;
   op.col = kc;
   op.kptr = kp;
-  op.kchunks = nch;
+  op.kchunks = o.chunks;
   op.kchunk = KCHUNK;
   return kb;
 }
 
 // bf16 CSR as pairs of consecutive entries of each row within each chunk of `chunk` columns
 // (SparseOperand::pptr), for vdpbf16ps; chunk-relative columns. `bf16_values` are the operand's
-// values in bf16, in the order of op.col. A counting sort by (chunk, row): O(nnz + chunks * rows).
+// values in bf16, in the order of op.col.
 struct PairHolder {
   Tensor pptr, pcol, pval;
 };
 
 PairHolder make_pairs(SparseOperand& op, const Tensor& bf16_values, int64_t n_cols, int64_t chunk) {
   PairHolder h;
-  const int64_t M = op.rows(), nch = std::max<int64_t>(1, (n_cols + chunk - 1) / chunk);
-  const int32_t* cr = op.crow;
-  const int32_t* cl = op.col;
+  const int64_t M = op.rows();
+  const ChunkOrder o = chunk_order(op.crow, op.col, M, n_cols, chunk);
   const uint16_t* v = reinterpret_cast<const uint16_t*>(bf16_values.data_ptr());
-  std::vector<int32_t> count(nch * M, 0);
-  for (int64_t m = 0; m < M; m++)
-    for (int32_t k = cr[m]; k < cr[m + 1]; k++) count[(cl[k] / chunk) * M + m]++;
-  h.pptr = at::empty({nch * (M + 1)}, at::kInt);
+  h.pptr = at::empty({o.chunks * (M + 1)}, at::kInt);
   int32_t* pp = h.pptr.data_ptr<int32_t>();
-  std::vector<int32_t> first(nch * M);  // first pair of (chunk, row)
   int64_t np = 0;
-  for (int64_t c = 0; c < nch; c++) {
+  for (int64_t c = 0; c < o.chunks; c++) {
     for (int64_t m = 0; m < M; m++) {
       pp[c * (M + 1) + m] = (int32_t)np;
-      first[c * M + m] = (int32_t)np;
-      np += (count[c * M + m] + 1) / 2;
+      np += (o.start[c * M + m + 1] - o.start[c * M + m] + 1) / 2;
     }
     pp[c * (M + 1) + M] = (int32_t)np;
   }
   h.pcol = at::empty({2 * np}, at::kInt);
-  h.pval = at::zeros({np}, at::kInt);
+  h.pval = at::empty({np}, at::kInt);
   int32_t* pc = h.pcol.data_ptr<int32_t>();
   uint32_t* pv = reinterpret_cast<uint32_t*>(h.pval.data_ptr<int32_t>());
-  std::fill(count.begin(), count.end(), 0);  // now: entries placed per (chunk, row)
-  for (int64_t m = 0; m < M; m++)
-    for (int32_t k = cr[m]; k < cr[m + 1]; k++) {
-      const int64_t c = cl[k] / chunk;
-      const int32_t j = count[c * M + m]++;
-      const int64_t p = first[c * M + m] + j / 2;
-      const int32_t rel = (int32_t)(cl[k] - c * chunk);
-      if (j % 2 == 0) {
-        pc[2 * p] = pc[2 * p + 1] = rel;  // an unpaired last entry keeps (k, k) with value 0
-        pv[p] = v[k];
-      } else {
-        pc[2 * p + 1] = rel;
-        pv[p] |= (uint32_t)v[k] << 16;
-      }
+  int64_t p = 0;
+  for (int64_t g = 0; g < o.chunks * M; g++)  // group (chunk, row), in the order of pptr
+    for (int32_t i = o.start[g]; i < o.start[g + 1]; i += 2, p++) {
+      const int32_t k0 = o.order[i];
+      const bool two = i + 1 < o.start[g + 1];  // an unpaired last entry: (k, k) with value 0
+      const int32_t k1 = two ? o.order[i + 1] : k0;
+      pc[2 * p] = op.col[k0] % (int32_t)chunk;
+      pc[2 * p + 1] = op.col[k1] % (int32_t)chunk;
+      pv[p] = (uint32_t)v[k0] | ((two ? (uint32_t)v[k1] : 0u) << 16);
     }
   op.pptr = pp;
   op.pcol = pc;
   op.pval = pv;
-  op.kchunks = nch;
+  op.kchunks = o.chunks;
   op.kchunk = std::min(chunk, n_cols);
   return h;
 }
