@@ -349,10 +349,8 @@ def report(case, baseline="dense"):
 
 def provenance(argv) -> dict:
     from sparseadapter_kernels.bench.provenance import collect
-    from sparseadapter_kernels.bench.timing import steady_allocator
 
     info = collect(argv)
-    info["allocator"] = steady_allocator()  # no implementation pays page faults for memory another one freed
     info["command"] = " ".join(["python", "benchmarks/cpu_bench.py", *argv])
     flags = set(info.get("cpu_flags") or [])
     env_isa = os.environ.get("SAK_CPU_ISA", "auto")
@@ -397,7 +395,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from sparseadapter_kernels.bench.timing import steady_allocator
+
+    allocator = steady_allocator()  # no implementation pays page faults for memory another one freed
     prov = provenance(argv)
+    prov["allocator"] = allocator
     print(f"# {prov['cpu_model']} ({prov['cpu_count']} cpus, torch threads {prov['torch_threads']}), "
           f"torch {prov['torch']}, ISA {prov['cpu_kernel_isa']}, commit {prov['git_commit']}"
           f"{' (dirty)' if prov['git_dirty'] else ''}, load {prov['load_average']}", flush=True)

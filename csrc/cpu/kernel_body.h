@@ -480,8 +480,9 @@ struct Kern {
     const int64_t M = a.A.rows();
     const bool kblocked = a.A.kptr != nullptr;
     // scratch: the feature-major tile (kblocked: one chunk of it) and the output rows (kblocked: all
-    // M rows, accumulated across chunks; else W rows at a time)
+    // M rows, accumulated across chunks; else line_rows<S>() rows at a time)
     constexpr int LR = line_rows<S>();
+    const bool stream = stream_ok(y, a.ldy, a.cfg.stream);
     const size_t tile_feats = kblocked ? (size_t)a.A.kchunk : (size_t)a.K;
     const size_t out_rows = kblocked ? (size_t)((M + LR - 1) / LR * LR) : (size_t)LR;
     TileQueue queue(ntiles, nth);
@@ -503,15 +504,14 @@ struct Kern {
             kblocked_from_tokens<S>(a.A, x + n0 * a.ldx, a.ldx, nt, a.K, xT, chunk, &pf);
             for (int64_t m0 = 0; m0 < M; m0 += LR)
               store_tile<S>(chunk + m0 * T, (int)imin(LR, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1),
-                            nullptr, 0, stream_ok(y, a.ldy, a.cfg.stream));
+                            nullptr, 0, stream);
           } else {
             pf.plan(M);
             load_tile<S>(x + n0 * a.ldx, a.ldx, nt, a.K, xT, A(1), false);
-            rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0, &pf,
-                              a.cfg.stream);
+            rows_to_tokens<S>(a.A, xT, chunk, nt, y + n0 * a.ldy, a.ldy, nullptr, A(1), nullptr, 0, &pf, stream);
           }
         }
-        if (a.cfg.stream) V::stream_fence();
+        if (stream) V::stream_fence();
       }
     }
   }
