@@ -677,6 +677,120 @@ def test_auto_dense_fallback_reuses_the_dense_weight():
     torch.testing.assert_close(v.grad, x.sum(0).repeat(64))
 
 
+# -------------------------------------------------------------------------------------------------
+# The prepared-operand cache (csrc/cpu/prepared_cache.h): validated structure, regrouped layouts and
+# prepared values are reused across calls, and never outlive a change of the tensors they came from
+# -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kblock", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cache_sees_in_place_updates(isa, dtype, kblock, monkeypatch):
+    """Repeated calls (cache hits) agree with the uncached path; an in-place update of the values (an
+    optimizer step) is used at the next call, through every layout (plain, K-blocked, bf16 pairs,
+    the transposes of the backward)."""
+    monkeypatch.setenv("SAK_CPU_KBLOCK", kblock)
+    d, r, n = 300, 40, 37
+    down = make_weight((r, d), 0.5, dtype, "csr", None, empty_rows=1, seed=21)
+    up = make_weight((d, r), 0.5, dtype, "csr", None, seed=22)
+    x, go = rand(n, d, dtype=dtype), rand(n, d, dtype=dtype, seed=2)
+
+    def run():
+        y = lib.csr_spmm(x, down.values, down.crow_indices, down.col_indices, None)
+        dx = lib.csr_spmm(go, up.values, up.t_crow_indices, up.t_row_indices, up.t_perm)
+        out, hidden = lib.fused_adapter(*_fused_args(x, x, down, up, None, None, "relu", 1.0))
+        grads = lib.fused_adapter_backward(*_fused_bwd_args(go, x, hidden, down, up, "relu", 1.0), True)
+        return [y, dx, out, hidden, *grads]
+
+    def expected():
+        d64, u64 = _as64(down), _as64(up)
+        y = ref.spmm(x.double(), d64.values, down.crow_indices, down.col_indices)
+        dx = ref.spmm(go.double(), u64.values, up.t_crow_indices, up.t_row_indices, up.t_perm)
+        out, hidden = ref.fused_adapter(*_fused_args(x.double(), x.double(), d64, u64, None, None, "relu", 1.0))
+        grads = ref.fused_adapter_backward(*_fused_bwd_args(go.double(), x.double(), hidden, d64, u64, "relu", 1.0),
+                                           True)
+        return [y, dx, out, hidden, *grads]
+
+    first = run()
+    again = run()  # served from the cache
+    monkeypatch.setenv("SAK_CPU_CACHE", "0")
+    uncached = run()
+    monkeypatch.delenv("SAK_CPU_CACHE")
+    for a, b, c in zip(first, again, uncached):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    ks = [d, d, d * r, d, d * r, n * d, n * d, n * d, n * d]
+    for got, exp, k in zip(first, expected(), ks):
+        check(got, exp, dtype, k, "before the update")
+    with torch.no_grad():  # an optimizer step: in place, under no_grad, new version
+        down.values.mul_(-0.5).add_(0.25)
+        up.values.mul_(2.0)
+    for got, exp, k in zip(run(), expected(), ks):
+        check(got, exp, dtype, k, "after the in-place update")
+
+
+def test_cache_revalidates_modified_indices():
+    """Indices validated once are checked again after any in-place change: an index corrupted after a
+    successful call gives the clear error, never an out-of-bounds read."""
+    w = make_weight((12, 300), 0.5, torch.float32, "csr", None)
+    x = rand(5, 300)
+    col = w.col_indices.clone()
+    crow = w.crow_indices.clone()
+    lib.csr_spmm(x, w.values, crow, col, None)
+    col[-1] = 2**30
+    with pytest.raises(RuntimeError, match=r"col_indices: expected values in \[0, 300\)"):
+        lib.csr_spmm(x, w.values, crow, col, None)
+    col[-1] = 0
+    crow[3] = int(crow[4]) + 1
+    with pytest.raises(RuntimeError, match="crow_indices: expected a non-decreasing"):
+        lib.csr_spmm(x, w.values, crow, col, None)
+    # the transposes: a corrupted t_perm after a good backward
+    down, up = _adapter_weights(24, 8, 24, 0.5, torch.float32, "csr", None)
+    xs, go = rand(5, 24), rand(5, 24, seed=2)
+    _, hidden = lib.fused_adapter(*_fused_args(xs, None, down, up, None, None, "relu", 1.0))
+    t_perm = down.t_perm.clone()
+    args = list(_fused_bwd_args(go, xs, hidden, down, up, "relu", 1.0))
+    args[8] = t_perm
+    lib.fused_adapter_backward(*args)
+    tc = down.t_crow_indices
+    first, last = int(tc[0]), int(tc[-1]) - 1
+    t_perm[first], t_perm[last] = int(t_perm[last]), int(t_perm[first])  # still a permutation, wrong structure
+    with pytest.raises(RuntimeError, match="expected the transpose of the weight's structure"):
+        lib.fused_adapter_backward(*args)
+
+
+def test_cache_never_serves_a_freed_tensor():
+    """New tensors (possibly at a freed tensor's address) are never served another weight's layout."""
+    x = rand(9, 400)
+    for seed in range(6):
+        w = make_weight((16, 400), 0.3 + 0.1 * seed, torch.float32, "csr", None, seed=seed)
+        for kb in ("0", "1"):
+            os.environ["SAK_CPU_KBLOCK"] = kb
+            try:
+                y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+            finally:
+                del os.environ["SAK_CPU_KBLOCK"]
+            check(y, ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices), torch.float32, 400,
+                  f"weight {seed} kblock {kb}")
+        del w
+
+
+def test_cache_inference_tensors():
+    """Inference tensors (no version counter) are prepared per call, not cached, and give the same result."""
+    with torch.inference_mode():
+        w = make_weight((16, 400), 0.5, torch.bfloat16, "csr", None)
+        x = rand(33, 400, dtype=torch.bfloat16)
+        y1 = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+        w.values.mul_(2.0)
+        y2 = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
+    check(y2, ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices), torch.bfloat16, 400, "inference")
+    torch.testing.assert_close(y2.double(), 2 * y1.double(), atol=0.05, rtol=0.02)
+
+
+def test_bad_cache_env(monkeypatch):
+    w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
+    monkeypatch.setenv("SAK_CPU_CACHE", "off")
+    with pytest.raises(RuntimeError, match="SAK_CPU_CACHE: expected 0 or 1, got 'off'"):
+        lib.csr_spmm(rand(5, 24), w.values, w.crow_indices, w.col_indices, None)
+
+
 def test_bad_kblock_env(monkeypatch):
     w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
     monkeypatch.setenv("SAK_CPU_KBLOCK", "yes")

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "cpu_kernels.h"
+#include "prepared_cache.h"
 
 namespace sak_cpu {
 namespace {
@@ -224,19 +225,168 @@ void check_permutation(const char* op, const char* name, const Tensor& perm) {
   }
 }
 
-// A validated sparse operand, values converted to the accumulation dtype (and gathered / transposed
-// through perm when given). `values_holder` keeps the prepared values alive.
+// K-blocking (see SparseOperand::kptr): the forward transposes x one chunk of KCHUNK features at a
+// time and every row consumes it from L1 at once. Measured on the Zen 5 machine (docs/cpu_kernels.md):
+// it pays when x comes from memory (x of 4 MiB and more: N = 4096 at d = 768, fp32 and bf16) and
+// loses when x sits in L2 (N <= 1024 at d = 768), where the full feature-major tile is faster;
+// it needs more than 256 indexed features and rows long enough to amortize a loop per chunk.
+constexpr int64_t KCHUNK = 128;
+constexpr int64_t KBLOCK_MIN_X_BYTES = (int64_t)4 << 20;
+
+// SAK_CPU_KBLOCK=0|1 forces it off / on (wherever the layout allows) for tests and benchmarks.
+bool want_kblock(int64_t N, int64_t n_cols, int64_t rows, int64_t nnz, int64_t elem_bytes) {
+  const char* env = std::getenv("SAK_CPU_KBLOCK");
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+                "SAK_CPU_KBLOCK: expected auto, 0 or 1, got '", env, "'");
+    return env[0] == '1' && rows > 0;
+  }
+  return N * n_cols * elem_bytes >= KBLOCK_MIN_X_BYTES && n_cols > 256 && rows > 0 && nnz / rows >= 32;
+}
+
+// The entries of a CSR structure grouped by (chunk of `chunk` columns, row), chunk-major, stable within
+// a row: order[i] is the i-th entry, group (c, m) is [start[c * M + m], start[c * M + m + 1]). A
+// counting sort, O(nnz + chunks * rows); rows need not be sorted by column.
+struct ChunkOrder {
+  std::vector<int32_t> order, start;
+  int64_t chunks;
+};
+
+ChunkOrder chunk_order(const int32_t* crow, const int32_t* col, int64_t M, int64_t n_cols, int64_t chunk) {
+  ChunkOrder o;
+  o.chunks = std::max<int64_t>(1, (n_cols + chunk - 1) / chunk);
+  o.start.assign(o.chunks * M + 1, 0);
+  for (int64_t m = 0; m < M; m++)
+    for (int32_t k = crow[m]; k < crow[m + 1]; k++) o.start[(col[k] / chunk) * M + m + 1]++;
+  for (int64_t i = 0; i < o.chunks * M; i++) o.start[i + 1] += o.start[i];
+  std::vector<int32_t> next(o.start.begin(), o.start.end() - 1);
+  o.order.resize(crow[M]);
+  for (int64_t m = 0; m < M; m++)
+    for (int32_t k = crow[m]; k < crow[m + 1]; k++) o.order[next[(col[k] / chunk) * M + m]++] = k;
+  return o;
+}
+// ---------------------------------------------------------------------------------------------
+// Sparse operands: validated structure + prepared values, both cached (prepared_cache.h)
+// ---------------------------------------------------------------------------------------------
+// How an operand's entries are laid out for the kernels:
+//   plain     CSR/BSR as stored (through perm for a transpose);
+//   kblocked  CSR regrouped chunk-major per KCHUNK columns (SparseOperand::kptr);
+//   pairs     bf16 CSR as vdpbf16ps pairs within chunks (SparseOperand::pptr).
+enum class Layout : int64_t { plain = 0, kblocked = 1, pairs = 2 };
+
+// What the index tensors of an operand give, validated: the regrouped index arrays of its layout
+// and, for a regrouped layout, the value index of each slot (through perm; -1: a zero pad).
+struct Structure {
+  std::vector<int32_t> ptr, col, gather;  // kptr / pptr, chunk-relative columns, slot -> value index
+  int64_t chunks = 0, chunk = 0;
+};
+
+// The values of an operand as the kernels read them: the accumulation dtype (plain, kblocked) or
+// packed bf16 pairs (pairs).
+struct PreparedValues {
+  Tensor values;
+};
+
+// Cache sizes: a model's adapters have a handful of operands each (forward, the two transposes,
+// K-blocked variants); 256 covers a 24-layer model with room to spare.
+PreparedCache<Structure>& structure_cache() {
+  static PreparedCache<Structure> c(256);
+  return c;
+}
+PreparedCache<PreparedValues>& values_cache() {
+  static PreparedCache<PreparedValues> c(256);
+  return c;
+}
+
+// Regroup the entries of (crow, col) (the operand's orientation; `perm` maps them to value indices)
+// chunk by chunk: kblocked (one slot per entry) or pairs (two slots per pair, an odd group padded).
+std::shared_ptr<const Structure> regroup(const int32_t* crow, const int32_t* col, const int32_t* perm, int64_t M,
+                                         int64_t n_cols, Layout layout, int64_t chunk) {
+  auto S = std::make_shared<Structure>();
+  const ChunkOrder o = chunk_order(crow, col, M, n_cols, chunk);
+  S->chunks = o.chunks;
+  S->chunk = std::min(chunk, n_cols);
+  S->ptr.resize(o.chunks * (M + 1));
+  auto value_of = [&](int32_t k) { return perm ? perm[k] : k; };
+  if (layout == Layout::kblocked) {
+    for (int64_t c = 0; c < o.chunks; c++)
+      for (int64_t m = 0; m <= M; m++) S->ptr[c * (M + 1) + m] = o.start[c * M + m];
+    S->col.resize(o.order.size());
+    S->gather.resize(o.order.size());
+    for (size_t e = 0; e < o.order.size(); e++) {
+      S->col[e] = col[o.order[e]] % (int32_t)chunk;
+      S->gather[e] = value_of(o.order[e]);
+    }
+    return S;
+  }
+  int64_t np = 0;
+  for (int64_t c = 0; c < o.chunks; c++) {
+    for (int64_t m = 0; m < M; m++) {
+      S->ptr[c * (M + 1) + m] = (int32_t)np;
+      np += (o.start[c * M + m + 1] - o.start[c * M + m] + 1) / 2;
+    }
+    S->ptr[c * (M + 1) + M] = (int32_t)np;
+  }
+  S->col.resize(2 * np);
+  S->gather.resize(2 * np);
+  int64_t p = 0;
+  for (int64_t g = 0; g < o.chunks * M; g++)  // group (chunk, row), in the order of ptr
+    for (int32_t i = o.start[g]; i < o.start[g + 1]; i += 2, p++) {
+      const int32_t k0 = o.order[i];
+      const bool two = i + 1 < o.start[g + 1];  // an unpaired last entry: (k, k) with value 0
+      const int32_t k1 = two ? o.order[i + 1] : k0;
+      S->col[2 * p] = col[k0] % (int32_t)chunk;
+      S->col[2 * p + 1] = col[k1] % (int32_t)chunk;
+      S->gather[2 * p] = value_of(k0);
+      S->gather[2 * p + 1] = two ? value_of(k1) : -1;
+    }
+  return S;
+}
+
+// The values as the kernels read them (see PreparedValues), from the operand's own values.
+Tensor prepare_values(const Tensor& values, const std::optional<Tensor>& perm, const Structure* S, Layout layout,
+                      DType dt) {
+  const auto acc = dt == DType::f64 ? at::kDouble : at::kFloat;
+  if (layout == Layout::plain) {
+    Tensor v = values;
+    if (perm.has_value() && perm->defined()) {
+      v = values.index_select(0, *perm);
+      if (v.dim() == 3) v = v.transpose(1, 2);
+    }
+    return v.to(acc).contiguous();
+  }
+  if (layout == Layout::kblocked) {
+    const Tensor g = at::from_blob(const_cast<int32_t*>(S->gather.data()), {(int64_t)S->gather.size()}, at::kInt);
+    return values.to(acc).index_select(0, g);
+  }
+  // pairs: the two bf16 values of pair p packed in one 32-bit word, the first in the low half
+  const int64_t np = (int64_t)S->gather.size() / 2;
+  Tensor packed = at::empty({np}, at::kInt);
+  const Tensor vb = values.contiguous();
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(vb.data_ptr());
+  uint32_t* pv = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  const int32_t* g = S->gather.data();
+  for (int64_t p = 0; p < np; p++)
+    pv[p] = (uint32_t)v[g[2 * p]] | ((g[2 * p + 1] >= 0 ? (uint32_t)v[g[2 * p + 1]] : 0u) << 16);
+  return packed;
+}
+
+// A validated sparse operand ready for the kernels. `structure` and `prepared` keep what `op`
+// points into alive (op.crow / op.col may also point into the caller's index tensors).
 struct Operand {
   SparseOperand op;
-  Tensor values_holder;
+  std::shared_ptr<const Structure> structure;
+  std::shared_ptr<const PreparedValues> prepared;
 };
 
 // values: [nnz] (CSR) or [nb, bh, bw] (BSR). Stored orientation: block rows = crow.numel() - 1;
 // with perm (the transpose structure) the blocks are values[perm[k]].T. `in_features` is the size of
-// the dimension the product contracts over (the columns of the operand as applied).
+// the dimension the product contracts over (the columns of the operand as applied). The O(nnz)
+// checks of the indices and the regrouping run once per index tensors (cached), the preparation of
+// the values once per version of `values`.
 Operand make_operand(const char* op, const std::string& prefix, const Tensor& values, const Tensor& crow,
                      const Tensor& col, const std::optional<Tensor>& perm, int64_t in_features,
-                     const char* in_what, DType dt) {
+                     const char* in_what, DType dt, Layout layout = Layout::plain, int64_t chunk = 0) {
   const std::string vn = prefix + "values", cn = prefix + "crow_indices", kn = prefix + "col_indices",
                     pn = prefix + "perm";
   check_cpu(op, vn.c_str(), values);
@@ -247,6 +397,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   const int64_t sbh = bsr ? values.size(1) : 1, sbw = bsr ? values.size(2) : 1;
   TORCH_CHECK(sbh >= 1 && sbw >= 1, "sparseadapter_kernels::", op, ": ", vn, ": expected a positive block shape, got ",
               shape_str(values));
+  TORCH_CHECK(!bsr || layout == Layout::plain, "sparseadapter_kernels::", op, ": internal: BSR operands are not regrouped");
   check_index(op, kn.c_str(), col);
   const int64_t nb = col.numel();
   TORCH_CHECK(values.size(0) == nb, "sparseadapter_kernels::", op, ": ", vn, ": expected ", nb,
@@ -260,29 +411,61 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   check_index(op, cn.c_str(), crow);
   TORCH_CHECK(crow.numel() >= 1, "sparseadapter_kernels::", op, ": ", cn, ": expected at least 1 entry, got 0");
   const int64_t block_rows = crow.numel() - 1;
-  check_crow(op, cn.c_str(), crow, block_rows, "block rows", nb, ("the number of entries of " + kn).c_str());
-  check_range(op, kn.c_str(), col, block_cols, bsr ? "block columns" : "columns");
-
-  Tensor v = values;
   if (transposed) {
     check_index(op, pn.c_str(), *perm);
     TORCH_CHECK(perm->numel() == nb, "sparseadapter_kernels::", op, ": ", pn, ": expected ", nb, " entries (one per entry of ",
                 kn, "), got ", perm->numel());
-    check_range(op, pn.c_str(), *perm, nb, "entries of values");
-    check_permutation(op, pn.c_str(), *perm);
-    v = values.index_select(0, *perm);
-    if (bsr) v = v.transpose(1, 2);
   }
-  v = v.to(dt == DType::f64 ? at::kDouble : at::kFloat).contiguous();
+  const Tensor perm_t = transposed ? *perm : Tensor();
+  const std::vector<int64_t> params = {(int64_t)layout, chunk, in_features, bh, bw};
   Operand o;
-  o.values_holder = v;
-  o.op.values = v.data_ptr();
+  o.structure = structure_cache().get({crow, col, perm_t}, params, [&]() {
+    check_crow(op, cn.c_str(), crow, block_rows, "block rows", nb, ("the number of entries of " + kn).c_str());
+    check_range(op, kn.c_str(), col, block_cols, bsr ? "block columns" : "columns");
+    if (transposed) {
+      check_range(op, pn.c_str(), *perm, nb, "entries of values");
+      check_permutation(op, pn.c_str(), *perm);
+    }
+    if (layout == Layout::plain) return std::make_shared<const Structure>();
+    return std::shared_ptr<const Structure>(regroup(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
+                                                    transposed ? perm->data_ptr<int32_t>() : nullptr, block_rows,
+                                                    in_features, layout, chunk));
+  });
+  const Structure* S = o.structure.get();
+  const bool as_given = layout == Layout::plain && !transposed && values.scalar_type() == (dt == DType::f64 ? at::kDouble : at::kFloat);
+  if (as_given) {  // the kernels read the values tensor itself
+    auto pv = std::make_shared<PreparedValues>();
+    pv->values = values;
+    o.prepared = pv;
+  } else {
+    o.prepared = values_cache().get({values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt}, [&]() {
+      auto pv = std::make_shared<PreparedValues>();
+      pv->values = prepare_values(values, perm, S, layout, dt);
+      return std::shared_ptr<const PreparedValues>(pv);
+    });
+  }
   o.op.crow = crow.data_ptr<int32_t>();
   o.op.col = col.data_ptr<int32_t>();
   o.op.block_rows = block_rows;
   o.op.bh = bh;
   o.op.bw = bw;
   o.op.nblocks = nb;
+  if (layout == Layout::kblocked) {
+    o.op.values = o.prepared->values.data_ptr();
+    o.op.col = S->col.data();
+    o.op.kptr = S->ptr.data();
+    o.op.kchunks = S->chunks;
+    o.op.kchunk = S->chunk;
+  } else if (layout == Layout::pairs) {
+    o.op.values = nullptr;  // the pairs carry their values
+    o.op.pptr = S->ptr.data();
+    o.op.pcol = S->col.data();
+    o.op.pval = reinterpret_cast<const uint32_t*>(o.prepared->values.data_ptr());
+    o.op.kchunks = S->chunks;
+    o.op.kchunk = S->chunk;
+  } else {
+    o.op.values = o.prepared->values.data_ptr();
+  }
   return o;
 }
 
@@ -356,122 +539,27 @@ void check_transpose_consistent(const char* op, const std::string& prefix, const
     }
 }
 
-// K-blocking (see SparseOperand::kptr): the forward transposes x one chunk of KCHUNK features at a
-// time and every row consumes it from L1 at once. Measured on the Zen 5 machine (docs/cpu_kernels.md):
-// it pays when x comes from memory (x of 4 MiB and more: N = 4096 at d = 768, fp32 and bf16) and
-// loses when x sits in L2 (N <= 1024 at d = 768), where the full feature-major tile is faster;
-// it needs more than 256 indexed features and rows long enough to amortize a loop per chunk.
-constexpr int64_t KCHUNK = 128;
-constexpr int64_t KBLOCK_MIN_X_BYTES = (int64_t)4 << 20;
-
-// SAK_CPU_KBLOCK=0|1 forces it off / on (wherever the layout allows) for tests and benchmarks.
-bool want_kblock(int64_t N, int64_t n_cols, int64_t rows, int64_t nnz, int64_t elem_bytes) {
-  const char* env = std::getenv("SAK_CPU_KBLOCK");
-  if (env && *env && std::strcmp(env, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
-                "SAK_CPU_KBLOCK: expected auto, 0 or 1, got '", env, "'");
-    return env[0] == '1' && rows > 0;
-  }
-  return N * n_cols * elem_bytes >= KBLOCK_MIN_X_BYTES && n_cols > 256 && rows > 0 && nnz / rows >= 32;
+// entry_rows and check_transpose_consistent once per index tensors (CSR entry rows are the indices
+// themselves: nothing to build).
+PreparedCache<EntryHolder>& entry_cache() {
+  static PreparedCache<EntryHolder> c(256);
+  return c;
 }
 
-// The entries of a CSR structure grouped by (chunk of `chunk` columns, row), chunk-major, stable within
-// a row: order[i] is the i-th entry, group (c, m) is [start[c * M + m], start[c * M + m + 1]). A
-// counting sort, O(nnz + chunks * rows); rows need not be sorted by column.
-struct ChunkOrder {
-  std::vector<int32_t> order, start;
-  int64_t chunks;
-};
-
-ChunkOrder chunk_order(const int32_t* crow, const int32_t* col, int64_t M, int64_t n_cols, int64_t chunk) {
-  ChunkOrder o;
-  o.chunks = std::max<int64_t>(1, (n_cols + chunk - 1) / chunk);
-  o.start.assign(o.chunks * M + 1, 0);
-  for (int64_t m = 0; m < M; m++)
-    for (int32_t k = crow[m]; k < crow[m + 1]; k++) o.start[(col[k] / chunk) * M + m + 1]++;
-  for (int64_t i = 0; i < o.chunks * M; i++) o.start[i + 1] += o.start[i];
-  std::vector<int32_t> next(o.start.begin(), o.start.end() - 1);
-  o.order.resize(crow[M]);
-  for (int64_t m = 0; m < M; m++)
-    for (int32_t k = crow[m]; k < crow[m + 1]; k++) o.order[next[(col[k] / chunk) * M + m]++] = k;
-  return o;
+EntryHolder cached_entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_t bw, int64_t M) {
+  if (bh == 1 && bw == 1) return entry_rows(crow, col, bh, bw, M);
+  return *entry_cache().get({crow, col}, {bh, bw, M}, [&]() {
+    return std::make_shared<const EntryHolder>(entry_rows(crow, col, bh, bw, M));
+  });
 }
 
-struct KBlocked {
-  Tensor values, col, kptr;
-};
-
-// Regroup a CSR operand (values already prepared) chunk-major, columns relative to their chunk (see
-// SparseOperand::kptr).
-KBlocked kblock_operand(SparseOperand& op, int64_t n_cols, const Tensor& prepared_values) {
-  KBlocked kb;
-  const int64_t M = op.rows(), nnz = op.nblocks;
-  const ChunkOrder o = chunk_order(op.crow, op.col, M, n_cols, KCHUNK);
-  kb.values = at::empty({nnz}, prepared_values.options());
-  kb.col = at::empty({nnz}, at::kInt);
-  kb.kptr = at::empty({o.chunks * (M + 1)}, at::kInt);
-  int32_t* kp = kb.kptr.data_ptr<int32_t>();
-  int32_t* kc = kb.col.data_ptr<int32_t>();
-  for (int64_t c = 0; c < o.chunks; c++)
-    for (int64_t m = 0; m <= M; m++) kp[c * (M + 1) + m] = o.start[c * M + m];
-  const size_t esz = prepared_values.element_size();
-  const char* vin = static_cast<const char*>(op.values);
-  char* vout = static_cast<char*>(kb.values.data_ptr());
-  for (int64_t e = 0; e < nnz; e++) {
-    const int32_t k = o.order[e];
-    kc[e] = op.col[k] % KCHUNK;
-    std::memcpy(vout + (size_t)e * esz, vin + (size_t)k * esz, esz);
-  }
-  op.values = vout;
-  op.col = kc;
-  op.kptr = kp;
-  op.kchunks = o.chunks;
-  op.kchunk = KCHUNK;
-  return kb;
-}
-
-// bf16 CSR as pairs of consecutive entries of each row within each chunk of `chunk` columns
-// (SparseOperand::pptr), for vdpbf16ps; chunk-relative columns. `bf16_values` are the operand's
-// values in bf16, in the order of op.col.
-struct PairHolder {
-  Tensor pptr, pcol, pval;
-};
-
-PairHolder make_pairs(SparseOperand& op, const Tensor& bf16_values, int64_t n_cols, int64_t chunk) {
-  PairHolder h;
-  const int64_t M = op.rows();
-  const ChunkOrder o = chunk_order(op.crow, op.col, M, n_cols, chunk);
-  const uint16_t* v = reinterpret_cast<const uint16_t*>(bf16_values.data_ptr());
-  h.pptr = at::empty({o.chunks * (M + 1)}, at::kInt);
-  int32_t* pp = h.pptr.data_ptr<int32_t>();
-  int64_t np = 0;
-  for (int64_t c = 0; c < o.chunks; c++) {
-    for (int64_t m = 0; m < M; m++) {
-      pp[c * (M + 1) + m] = (int32_t)np;
-      np += (o.start[c * M + m + 1] - o.start[c * M + m] + 1) / 2;
-    }
-    pp[c * (M + 1) + M] = (int32_t)np;
-  }
-  h.pcol = at::empty({2 * np}, at::kInt);
-  h.pval = at::empty({np}, at::kInt);
-  int32_t* pc = h.pcol.data_ptr<int32_t>();
-  uint32_t* pv = reinterpret_cast<uint32_t*>(h.pval.data_ptr<int32_t>());
-  int64_t p = 0;
-  for (int64_t g = 0; g < o.chunks * M; g++)  // group (chunk, row), in the order of pptr
-    for (int32_t i = o.start[g]; i < o.start[g + 1]; i += 2, p++) {
-      const int32_t k0 = o.order[i];
-      const bool two = i + 1 < o.start[g + 1];  // an unpaired last entry: (k, k) with value 0
-      const int32_t k1 = two ? o.order[i + 1] : k0;
-      pc[2 * p] = op.col[k0] % (int32_t)chunk;
-      pc[2 * p + 1] = op.col[k1] % (int32_t)chunk;
-      pv[p] = (uint32_t)v[k0] | ((two ? (uint32_t)v[k1] : 0u) << 16);
-    }
-  op.pptr = pp;
-  op.pcol = pc;
-  op.pval = pv;
-  op.kchunks = o.chunks;
-  op.kchunk = std::min(chunk, n_cols);
-  return h;
+void check_transpose_cached(const char* op, const std::string& prefix, const Tensor& crow, const Tensor& col,
+                            const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm) {
+  static PreparedCache<bool> checked(256);
+  checked.get({crow, col, t_crow, t_row, t_perm}, {}, [&]() {
+    check_transpose_consistent(op, prefix, crow, col, t_crow, t_row, t_perm);
+    return std::make_shared<const bool>(true);
+  });
 }
 
 // Shape-only checks of transpose metadata that the forward carries for the backward.
@@ -509,23 +597,23 @@ Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Te
   check_same_dtype(op, "values", values, "x", x);
   TORCH_CHECK(values.dim() == (want_bsr ? 3 : 1), "sparseadapter_kernels::", op, ": values: expected a ",
               want_bsr ? "3-D [nblocks, bh, bw]" : "1-D [nnz]", " tensor, got shape ", shape_str(values));
-  Operand A = make_operand(op, "", values, crow, col, perm, x.size(1), "x.size(1)", dt);
-  const int64_t N = x.size(0), M = A.op.rows();
+  const KernelTable* table = kernels_for(dt);
+  // Layout: vdpbf16ps pairs pay where the indexed tile is large (they halve its bytes and the loads
+  // per entry); with few input features the product is bound by the output transposes and the fp32
+  // path is as fast. K-blocking: see want_kblock.
+  const int64_t N = x.size(0), K = x.size(1);
+  const bool kblock = !want_bsr && want_kblock(N, K, crow.numel() - 1, col.numel(), x.element_size());
+  Layout layout = kblock ? Layout::kblocked : Layout::plain;
+  int64_t chunk = kblock ? KCHUNK : 0;
+  if (dt == DType::bf16 && !want_bsr && table->wants_bf16_pairs && K > 256) {
+    layout = Layout::pairs;
+    chunk = kblock ? KCHUNK : K;
+  }
+  Operand A = make_operand(op, "", values, crow, col, perm, K, "x.size(1)", dt, layout, chunk);
+  const int64_t M = A.op.rows();
   Tensor y = at::empty({N, M}, x.options());
   if (N == 0 || M == 0) return y;
   if (A.op.nblocks == 0) return y.zero_();
-  const KernelTable* table = kernels_for(dt);
-  KBlocked kb;
-  PairHolder pairs;
-  // vdpbf16ps pays where the indexed tile is large (it halves its bytes and the loads per entry); with
-  // few input features the product is bound by the output transposes and the fp32 path is as fast.
-  const bool kblock = !want_bsr && want_kblock(N, x.size(1), M, A.op.nblocks, x.element_size());
-  if (dt == DType::bf16 && !want_bsr && table->wants_bf16_pairs && x.size(1) > 256) {
-    pairs = make_pairs(A.op, perm.has_value() && perm->defined() ? values.index_select(0, *perm) : values.contiguous(),
-                       x.size(1), kblock ? KCHUNK : x.size(1));
-  } else if (kblock) {
-    kb = kblock_operand(A.op, x.size(1), A.values_holder);
-  }
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
              make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)), N, y.nbytes())};
   table->spmm(a);
@@ -563,7 +651,7 @@ Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tenso
   Tensor out = bsr ? at::empty({nb, bh, bw}, dy.options()) : at::empty({nb}, dy.options());
   if (nb == 0) return out;
   if (N == 0) return out.zero_();
-  EntryHolder H = entry_rows(crow, col, bh, bw, M);
+  EntryHolder H = cached_entry_rows(crow, col, bh, bw, M);
   SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), H.E, out.data_ptr(),
               make_config(work_of(N, H.E.nnz, M + K), tile_for(K), N, 0)};
   kernels_for(dt)->sddmm(a);
@@ -617,7 +705,10 @@ std::tuple<Tensor, Tensor> fused_adapter(
   check_same_dtype(op, "down_values", down_values, "x", x);
   check_same_dtype(op, "up_values", up_values, "x", x);
   const int64_t N = x.size(0), d = x.size(1);
-  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt);
+  const bool kblock_down = down_values.dim() == 1 &&
+                          want_kblock(N, d, down_crow.numel() - 1, down_col.numel(), x.element_size());
+  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt,
+                           kblock_down ? Layout::kblocked : Layout::plain, kblock_down ? KCHUNK : 0);
   const int64_t r = D.op.rows();
   Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt);
   const int64_t d_out = Up.op.rows();
@@ -636,8 +727,6 @@ std::tuple<Tensor, Tensor> fused_adapter(
   Tensor out = at::empty({N, d_out}, x.options());
   Tensor hidden = at::empty({N, r}, x.options());
   if (N == 0) return {out, hidden};
-  KBlocked kbd;
-  if (D.op.bh == 1 && D.op.bw == 1 && want_kblock(N, d, r, D.op.nblocks, x.element_size())) kbd = kblock_operand(D.op, d, D.values_holder);
   FusedFwdArgs a;
   a.dtype = dt;
   a.N = N; a.d = d; a.r = r; a.d_out = d_out;
@@ -677,16 +766,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   // transposes: down.T is [d, r] (block rows d / bw, block columns r / bh), up.T is [r, d_out]
   Operand Dt = make_operand(op, "down_t_", down_values, down_t_crow, down_t_row, down_t_perm, r,
                             "the bottleneck size (rows of down)", dt);
-  Operand Ut = make_operand(op, "up_t_", up_values, up_t_crow, up_t_row, up_t_perm, d_out, "rows of up", dt);
+  const bool kblock_up_t = up_values.dim() == 1 &&
+                          want_kblock(N, d_out, up_t_crow.numel() - 1, up_t_row.numel(), x.element_size());
+  Operand Ut = make_operand(op, "up_t_", up_values, up_t_crow, up_t_row, up_t_perm, d_out, "rows of up", dt,
+                            kblock_up_t ? Layout::kblocked : Layout::plain, kblock_up_t ? KCHUNK : 0);
   TORCH_CHECK(Dt.op.rows() == d && Ut.op.rows() == r, "sparseadapter_kernels::", op,
               ": down_t_crow_indices/up_t_crow_indices: expected ", d / D.op.bw + 1, " and ", r / Up.op.bw + 1,
               " entries (block columns + 1), got ", down_t_crow.numel(), " and ", up_t_crow.numel());
-  check_transpose_consistent(op, "down_", down_crow, down_col, down_t_crow, down_t_row, down_t_perm);
-  check_transpose_consistent(op, "up_", up_crow, up_col, up_t_crow, up_t_row, up_t_perm);
-  EntryHolder De = entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r);
-  EntryHolder Ue = entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out);
-  KBlocked kbut;
-  if (Ut.op.bh == 1 && Ut.op.bw == 1 && want_kblock(N, d_out, r, Ut.op.nblocks, x.element_size())) kbut = kblock_operand(Ut.op, d_out, Ut.values_holder);
+  check_transpose_cached(op, "down_", down_crow, down_col, down_t_crow, down_t_row, down_t_perm);
+  check_transpose_cached(op, "up_", up_crow, up_col, up_t_crow, up_t_row, up_t_perm);
+  EntryHolder De = cached_entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r);
+  EntryHolder Ue = cached_entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out);
   check_matrix(op, "grad_out", grad_out, "[N, d_out]");
   check_matrix(op, "hidden", hidden, "[N, r]");
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
