@@ -218,11 +218,14 @@ struct Kern {
   // ---------------------------------------------------------------------------------------------
   // Sparse rows: out[m - m_begin][0:T] = sum_k A[m, k] * inT[k][0:T] for m in [m_begin, m_end)
   // ---------------------------------------------------------------------------------------------
-  // a[u] + b[u] += sum over the entries k in [k, e) of vals[k] * inT[col[k]][u * W : (u + 1) * W]: two
-  // accumulator sets alternating, four entries per step with the four values loaded once
-  // (V::load4) and broadcast by in-register shuffles (loads, not FMAs, bound this loop).
+  // a[u] += sum over the entries k in [k, e) of vals[k] * inT[col[k]][u * W : (u + 1) * W]. Four
+  // entries per step, each into its own accumulator set (4 * U independent FMA chains: with U = 1 or
+  // 2 fewer chains would leave the FMA units waiting on their 4-cycle latency), the four values
+  // loaded once (V::load4) and broadcast by in-register shuffles.
   static SAK_BODY_INLINE void accumulate_row(const A* vals, const int32_t* col, int64_t k, const int64_t e,
-                                             const A* inT, reg* a, reg* b) {
+                                             const A* inT, reg* a) {
+    reg b[U], c[U], d[U];
+    for (int u = 0; u < U; u++) { b[u] = V::zero(); c[u] = V::zero(); d[u] = V::zero(); }
     for (; k + 3 < e; k += 4) {
       const reg v4 = V::load4(vals + k);
       const A* p0 = inT + (int64_t)col[k] * T;
@@ -230,14 +233,12 @@ struct Kern {
       const A* p2 = inT + (int64_t)col[k + 2] * T;
       const A* p3 = inT + (int64_t)col[k + 3] * T;
       const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
+      const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
       for (int u = 0; u < U; u++) {
         a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
         b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-      }
-      const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
-      for (int u = 0; u < U; u++) {
-        a[u] = V::fmadd(v2, V::load(p2 + u * W), a[u]);
-        b[u] = V::fmadd(v3, V::load(p3 + u * W), b[u]);
+        c[u] = V::fmadd(v2, V::load(p2 + u * W), c[u]);
+        d[u] = V::fmadd(v3, V::load(p3 + u * W), d[u]);
       }
     }
     for (; k + 1 < e; k += 2) {
@@ -252,19 +253,20 @@ struct Kern {
     if (k < e) {
       const reg v0 = V::set1(vals[k]);
       const A* p0 = inT + (int64_t)col[k] * T;
-      for (int u = 0; u < U; u++) a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
+      for (int u = 0; u < U; u++) c[u] = V::fmadd(v0, V::load(p0 + u * W), c[u]);
     }
+    for (int u = 0; u < U; u++) a[u] = V::add(V::add(a[u], b[u]), V::add(c[u], d[u]));
   }
 
   static void csr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t m_begin, int64_t m_end,
                        const A* inT, A* out, Prefetch* pf) {
     for (int64_t m = m_begin; m < m_end; m++) {
       if (pf) pf->step();
-      reg a[U], b[U];
-      for (int u = 0; u < U; u++) { a[u] = V::zero(); b[u] = V::zero(); }
-      accumulate_row(vals, col, crow[m], crow[m + 1], inT, a, b);
+      reg a[U];
+      for (int u = 0; u < U; u++) a[u] = V::zero();
+      accumulate_row(vals, col, crow[m], crow[m + 1], inT, a);
       A* o = out + (m - m_begin) * T;
-      for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
+      for (int u = 0; u < U; u++) V::store(o + u * W, a[u]);
     }
   }
 
@@ -324,10 +326,10 @@ struct Kern {
       const int64_t e = kp[m + 1];
       if (k == e) continue;
       A* o = out + (m - m_begin) * T;
-      reg a[U], b[U];
-      for (int u = 0; u < U; u++) { a[u] = V::load(o + u * W); b[u] = V::zero(); }
-      accumulate_row(vals, col, k, e, inT, a, b);
-      for (int u = 0; u < U; u++) V::store(o + u * W, V::add(a[u], b[u]));
+      reg a[U];
+      for (int u = 0; u < U; u++) a[u] = V::load(o + u * W);
+      accumulate_row(vals, col, k, e, inT, a);
+      for (int u = 0; u < U; u++) V::store(o + u * W, a[u]);
     }
   }
 
