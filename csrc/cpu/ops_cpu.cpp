@@ -94,11 +94,13 @@ const KernelTable* kernels_for(DType dt) {
 // would spill L2 traffic into every access). Measured in benchmarks/results (docs/cpu_kernels.md).
 int tile_for(int64_t indexed_features) { return indexed_features <= 256 ? 64 : 32; }
 
-// Outputs at least this large are written with non-temporal (streaming) stores: they would not stay
-// in cache anyway, and a streamed line is not read from memory before it is overwritten. Measured on
-// the 2-core Zen 5 machine (docs/cpu_kernels.md): the up projection [4096, 768] fp32 at sparsity 0.9
-// ran 1.3-1.6x faster streamed when its output was not in cache, and no slower when it was.
-constexpr int64_t STREAM_MIN_BYTES = (int64_t)8 << 20;
+// Outputs larger than this (one core's L2 on the Zen 5 machine) are written with non-temporal
+// (streaming) stores: they would not stay in the writing core's cache anyway, and a streamed line is
+// not read from memory before it is overwritten. Measured (docs/cpu_kernels.md), up projection at
+// sparsity 0.9, streamed vs not, ratios in one interleaved loop: fp32 [4096, 768] 1.3-1.6x faster,
+// bf16 [4096, 768] (6 MiB) 1.4-1.6x, fp32 [1024, 768] (3 MiB) 1.6x, bf16 [1024, 768] (1.5 MiB) 1.4x,
+// fp32 [512, 768] (1.5 MiB) even; below 1 MiB streaming loses (bf16 [256, 768]: 0.75x).
+constexpr int64_t STREAM_MIN_BYTES = (int64_t)1 << 20;
 
 Config make_config(int64_t work, int default_tile, int64_t N, int64_t out_bytes) {
   Config c;
@@ -107,7 +109,7 @@ Config make_config(int64_t work, int default_tile, int64_t N, int64_t out_bytes)
   const char* pf = std::getenv("SAK_CPU_PREFETCH");
   c.prefetch = !(pf && std::strcmp(pf, "0") == 0);
   const char* nt = std::getenv("SAK_CPU_STREAM");
-  c.stream = (nt && *nt && std::strcmp(nt, "auto") != 0) ? std::strcmp(nt, "1") == 0 : out_bytes >= STREAM_MIN_BYTES;
+  c.stream = (nt && *nt && std::strcmp(nt, "auto") != 0) ? std::strcmp(nt, "1") == 0 : out_bytes > STREAM_MIN_BYTES;
   c.threads = (at::in_parallel_region() || work < (int64_t)1 << 16) ? 1 : (int)at::get_num_threads();
   const char* env = std::getenv("SAK_CPU_TILE");
   if (env && *env) {
