@@ -16,22 +16,22 @@ import torch
 CROSSOVER: dict = {}
 
 # CPU C++ kernels (csrc/cpu), AMD EPYC (Zen 5, AVX-512 + AVX512-BF16), 2 cores, torch 2.13:
-# benchmarks/results/cpu_crossover_2026-12-02.json and cpu_crossover_2026-12-02_run2.json (two runs of
-# `python benchmarks/cpu_bench.py --suite crossover --reps 30`; the lower of the two is kept).
-# Each value is the highest density at which backend="cpu" beat dense math on a dense weight kept
-# across calls (the fastest dense option, what "auto" runs above the crossover) by at least 15%
-# (median of interleaved repetitions) at every measured token count >= n_min (1, 16, 256, 4096), both
-# adapter projection shapes (64 x 768, 768 x 64), every block size measured (BSR: 16x16 and 32x32),
-# and at every lower density (0.05 .. 0.7); 0 = never.
+# benchmarks/results/cpu_crossover_2026-12-02b.json and cpu_crossover_2026-12-02b_run2.json (two runs of
+# `python benchmarks/cpu_bench.py --suite crossover --reps 30` with the prepared-operand cache; the lower
+# of the two is kept). Each value is the highest density at which backend="cpu" beat dense math on a
+# dense weight kept across calls (the fastest dense option, what "auto" runs above the crossover) by at
+# least 15% (median of interleaved repetitions) at every measured token count >= n_min (1, 16, 256,
+# 4096), both adapter projection shapes (64 x 768, 768 x 64), every block size measured (BSR: 16x16 and
+# 32x32), and at every lower density (0.05 .. 0.7); 0 = never.
 CROSSOVER.update({
     ("cpu", torch.float32, "csr", "linear", "cpu"): {1: 0.0, 16: 0.0, 256: 0.5, 4096: 0.7},
-    ("cpu", torch.float32, "csr", "adapter", "cpu"): {1: 0.0, 16: 0.1, 256: 0.6, 4096: 0.7},
+    ("cpu", torch.float32, "csr", "adapter", "cpu"): {1: 0.0, 16: 0.3, 256: 0.7, 4096: 0.7},
     ("cpu", torch.float32, "bsr", "linear", "cpu"): {1: 0.0, 16: 0.0, 256: 0.7, 4096: 0.7},
-    ("cpu", torch.float32, "bsr", "adapter", "cpu"): {1: 0.0, 16: 0.2, 256: 0.7, 4096: 0.7},
-    ("cpu", torch.bfloat16, "csr", "linear", "cpu"): {1: 0.0, 16: 0.0, 256: 0.0, 4096: 0.1},
-    ("cpu", torch.bfloat16, "csr", "adapter", "cpu"): {1: 0.05, 16: 0.05, 256: 0.1, 4096: 0.2},
-    ("cpu", torch.bfloat16, "bsr", "linear", "cpu"): {1: 0.0, 16: 0.0, 256: 0.1, 4096: 0.2},
-    ("cpu", torch.bfloat16, "bsr", "adapter", "cpu"): {1: 0.2, 16: 0.3, 256: 0.3, 4096: 0.3},
+    ("cpu", torch.float32, "bsr", "adapter", "cpu"): {1: 0.0, 16: 0.3, 256: 0.7, 4096: 0.7},
+    ("cpu", torch.bfloat16, "csr", "linear", "cpu"): {1: 0.0, 16: 0.05, 256: 0.1, 4096: 0.1},
+    ("cpu", torch.bfloat16, "csr", "adapter", "cpu"): {1: 0.2, 16: 0.2, 256: 0.2, 4096: 0.2},
+    ("cpu", torch.bfloat16, "bsr", "linear", "cpu"): {1: 0.0, 16: 0.05, 256: 0.05, 4096: 0.2},
+    ("cpu", torch.bfloat16, "bsr", "adapter", "cpu"): {1: 0.4, 16: 0.4, 256: 0.4, 4096: 0.4},
 })
 # Preference order of kernel backends per device type.
 _PREFERENCE = {"cpu": ("cpu", "triton"), "cuda": ("cuda", "triton")}
