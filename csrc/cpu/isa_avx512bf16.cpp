@@ -159,6 +159,7 @@ static void spmm_dp(const SpmmArgs& a) {
         Prefetch pf;
         if (a.cfg.prefetch && t + 1 < te)
           pf.add(x + (n0 + TT) * a.ldx, a.ldx * 2, (int)imin(TT, a.N - n0 - TT), a.K * 2);
+        pf.to_l1 = a.A.kchunks > 1;  // K-blocked (see Prefetch::to_l1)
         pf.plan(M * a.A.kchunks);
         K32::zero_rows(acc, M);
         for (int64_t c = 0; c < a.A.kchunks; c++) {
