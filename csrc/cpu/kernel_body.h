@@ -222,44 +222,41 @@ struct Kern {
   // ---------------------------------------------------------------------------------------------
   // Sparse rows: out[m - m_begin][0:T] = sum_k A[m, k] * inT[k][0:T] for m in [m_begin, m_end)
   // ---------------------------------------------------------------------------------------------
+  // Accumulator sets of accumulate_row: 4 * U independent FMA chains. Two FMA pipes with a 4-cycle
+  // latency need 8; measured in interleaved A/B, four sets also beat two at U = 4 (the up
+  // projection, T = 64), so it is four everywhere.
+  static constexpr int SETS = 4;
+
   // a[u] += sum over the entries k in [k, e) of vals[k] * inT[col[k]][u * W : (u + 1) * W]. Four
-  // entries per step, each into its own accumulator set (4 * U independent FMA chains: with U = 1 or
-  // 2 fewer chains would leave the FMA units waiting on their 4-cycle latency), the four values
-  // loaded once (V::load4) and broadcast by in-register shuffles.
+  // entries per step, entry q into accumulator set q % SETS, the four values loaded once
+  // (V::load4) and broadcast by in-register shuffles.
   static SAK_BODY_INLINE void accumulate_row(const A* vals, const int32_t* col, int64_t k, const int64_t e,
                                              const A* inT, reg* a) {
-    reg b[U], c[U], d[U];
-    for (int u = 0; u < U; u++) { b[u] = V::zero(); c[u] = V::zero(); d[u] = V::zero(); }
+    reg acc[SETS][U];
+    for (int u = 0; u < U; u++) {
+      acc[0][u] = a[u];
+      for (int q = 1; q < SETS; q++) acc[q][u] = V::zero();
+    }
     for (; k + 3 < e; k += 4) {
       const reg v4 = V::load4(vals + k);
-      const A* p0 = inT + (int64_t)col[k] * T;
-      const A* p1 = inT + (int64_t)col[k + 1] * T;
-      const A* p2 = inT + (int64_t)col[k + 2] * T;
-      const A* p3 = inT + (int64_t)col[k + 3] * T;
-      const reg v0 = V::template lane4<0>(v4), v1 = V::template lane4<1>(v4);
-      const reg v2 = V::template lane4<2>(v4), v3 = V::template lane4<3>(v4);
-      for (int u = 0; u < U; u++) {
-        a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-        b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-        c[u] = V::fmadd(v2, V::load(p2 + u * W), c[u]);
-        d[u] = V::fmadd(v3, V::load(p3 + u * W), d[u]);
+      const reg v[4] = {V::template lane4<0>(v4), V::template lane4<1>(v4), V::template lane4<2>(v4),
+                        V::template lane4<3>(v4)};
+      for (int q = 0; q < 4; q++) {
+        const A* p = inT + (int64_t)col[k + q] * T;
+        for (int u = 0; u < U; u++) acc[q % SETS][u] = V::fmadd(v[q], V::load(p + u * W), acc[q % SETS][u]);
       }
     }
-    for (; k + 1 < e; k += 2) {
-      const reg v0 = V::set1(vals[k]), v1 = V::set1(vals[k + 1]);
-      const A* p0 = inT + (int64_t)col[k] * T;
-      const A* p1 = inT + (int64_t)col[k + 1] * T;
-      for (int u = 0; u < U; u++) {
-        a[u] = V::fmadd(v0, V::load(p0 + u * W), a[u]);
-        b[u] = V::fmadd(v1, V::load(p1 + u * W), b[u]);
-      }
+    for (int q = 0; q < 3; q++) {  // the last 0-3 entries
+      if (k + q >= e) break;
+      const reg v = V::set1(vals[k + q]);
+      const A* p = inT + (int64_t)col[k + q] * T;
+      for (int u = 0; u < U; u++) acc[q % SETS][u] = V::fmadd(v, V::load(p + u * W), acc[q % SETS][u]);
     }
-    if (k < e) {
-      const reg v0 = V::set1(vals[k]);
-      const A* p0 = inT + (int64_t)col[k] * T;
-      for (int u = 0; u < U; u++) c[u] = V::fmadd(v0, V::load(p0 + u * W), c[u]);
+    for (int u = 0; u < U; u++) {
+      reg sum = acc[0][u];
+      for (int q = 1; q < SETS; q++) sum = V::add(sum, acc[q][u]);
+      a[u] = sum;
     }
-    for (int u = 0; u < U; u++) a[u] = V::add(V::add(a[u], b[u]), V::add(c[u], d[u]));
   }
 
   static void csr_rows(const A* vals, const int32_t* crow, const int32_t* col, int64_t m_begin, int64_t m_end,
