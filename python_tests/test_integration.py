@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -520,6 +521,25 @@ def test_torch_compile_inductor_matches_eager():
 # DDP: two CPU processes, gloo
 # ---------------------------------------------------------------------------------------------
 def _ddp_worker(rank, world, port, out_dir):
+    """One DDP replica. It ends with os._exit: letting Python tear down the DDP reducer can deadlock
+    (torch's ProcessGroupGloo destructor joins its gloo thread while the main thread holds the GIL,
+    and that thread needs the GIL to drop a Python object; seen in CI on 2026-12-02)."""
+    import sys
+    import traceback
+
+    code = 1
+    try:
+        _ddp_train(rank, world, port, out_dir)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _ddp_train(rank, world, port, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -555,7 +575,13 @@ def test_ddp_two_processes_gloo(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 600
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 600 s")
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a.keys() == b.keys() and any(k.endswith("adapter.down.values") for k in a)
     for k in a:
