@@ -5,8 +5,8 @@
 // fp32 tile, and cheaper to build: a 32-bit 16x16 transpose of feature pairs plus one vpermt2w per
 // feature row). Each row's entries are taken in pairs (k, k+1): the two feature rows are interleaved
 // with vpunpck{l,h}wd into (x[t, c1], x[t, c2]) pairs and vdpbf16ps adds v1*x[t,c1] + v2*x[t,c2]
-// to the fp32 accumulator of token t, against the broadcast value pair. The interleave permutes the
-// tokens within a row's two accumulators; one vpermt2ps per 16 tokens restores the order.
+// to the fp32 accumulator of token t, against the broadcast value pair. The tile's rows hold the
+// tokens in the order that makes the interleave come out in natural token order (load_tile_bf16).
 // Accumulation is fp32 (vdpbf16ps rounds to nearest even and flushes denormals, like oneDNN's bf16).
 #include <atomic>
 #include <cmath>
@@ -67,8 +67,13 @@ static void load_tile_bf16(const uint16_t* x, int64_t ldx, int nt, int64_t K, ui
       for (int j = 0; j < np; j++) _mm512_store_ps(reinterpret_cast<float*>(PT + (j0 + j) * TT + t0), r[j]);
     }
   }
-  const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
-                                        24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  // Token order of xT16 rows: position 8L + i holds token 4L + i and position 8L + 4 + i holds token
+  // 16 + 4L + i (L < 4, i < 4), so that vpunpck{l,h}wd of two rows (which take words 0-3 / 4-7 of each
+  // 128-bit lane) give the tokens 0-15 / 16-31 in natural order, and the vdpbf16ps accumulators need
+  // no reordering.
+  alignas(64) static const uint16_t kEven[32] = {0,  2,  4,  6,  32, 34, 36, 38, 8,  10, 12, 14, 40, 42, 44, 46,
+                                                 16, 18, 20, 22, 48, 50, 52, 54, 24, 26, 28, 30, 56, 58, 60, 62};
+  const __m512i even = _mm512_load_si512(kEven);
   const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
   for (int64_t j = 0; j < KP; j++) {
     const __m512i p0 = _mm512_load_si512(PT + j * TT);
@@ -86,9 +91,8 @@ static SAK_INLINE void dp_pair(const uint16_t* xT16, const int32_t* pc, uint32_t
   hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(a, b), (__m512bh)v);
 }
 
-// acc[m][0:32] += the pairs of row m in chunk c, for every row m of S (`pf` steps once per row). The accumulators stay in
-// vdpbf16ps order (lane i of the low half is token 8 * (i / 4) + i % 4, of the high half that + 4)
-// until dp_to_tokens; xT16 is the chunk's own part of the tile.
+// acc[m][0:32] += the pairs of row m in chunk c (tokens in natural order: see load_tile_bf16), for
+// every row m of S (`pf` steps once per row); xT16 is the chunk's own part of the tile.
 static void rows_dp(const SparseOperand& S, int64_t c, const uint16_t* xT16, float* acc, Prefetch& pf) {
   const int64_t M = S.rows();
   const int32_t* pp = S.pptr + c * (M + 1);
@@ -115,18 +119,6 @@ static void rows_dp(const SparseOperand& S, int64_t c, const uint16_t* xT16, flo
     if (p < e) dp_pair(xT16, S.pcol + 2 * p, S.pval[p], lo2, hi2);
     _mm512_store_ps(o, _mm512_add_ps(_mm512_add_ps(lo0, lo1), _mm512_add_ps(lo2, lo3)));
     _mm512_store_ps(o + 16, _mm512_add_ps(_mm512_add_ps(hi0, hi1), _mm512_add_ps(hi2, hi3)));
-  }
-}
-
-// acc[m][0:32] from vdpbf16ps order to tokens in natural order, for m < M
-static void dp_to_tokens(float* acc, int64_t M) {
-  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t m = 0; m < M; m++) {
-    float* o = acc + m * TT;
-    const __m512 lo = _mm512_load_ps(o), hi = _mm512_load_ps(o + 16);
-    _mm512_store_ps(o, _mm512_permutex2var_ps(lo, i0, hi));
-    _mm512_store_ps(o + 16, _mm512_permutex2var_ps(lo, i1, hi));
   }
 }
 
@@ -166,7 +158,6 @@ static void spmm_dp(const SpmmArgs& a) {
           load_tile_bf16(x + n0 * a.ldx + c * KC, a.ldx, nt, imin(KC, a.K - c * KC), PT, xT16);
           rows_dp(a.A, c, xT16, acc, pf);
         }
-        dp_to_tokens(acc, M);
         for (int64_t m0 = 0; m0 < M; m0 += LR)
           K32::store_tile<bf16_t>(acc + m0 * TT, (int)imin(LR, M - m0), m0, nt, y + n0 * a.ldy, a.ldy, nullptr, 1.0f,
                                   nullptr, 0, stream);
