@@ -521,15 +521,16 @@ def test_torch_compile_inductor_matches_eager():
 # DDP: two CPU processes, gloo
 # ---------------------------------------------------------------------------------------------
 def _ddp_worker(rank, world, port, out_dir):
-    """One DDP replica. It ends with os._exit: letting Python tear down the DDP reducer can deadlock
-    (torch's ProcessGroupGloo destructor joins its gloo thread while the main thread holds the GIL,
-    and that thread needs the GIL to drop a Python object; seen in CI on 2026-12-02)."""
+    """One DDP replica. It ends with os._exit while the DDP module is still alive: letting Python tear
+    down the DDP reducer can deadlock (torch's ProcessGroupGloo destructor joins its gloo thread while
+    the main thread holds the GIL, and that thread needs the GIL to drop a Python object; seen on
+    2026-12-02, in a CI run and in a local one)."""
     import sys
     import traceback
 
     code = 1
     try:
-        _ddp_train(rank, world, port, out_dir)
+        alive = _ddp_train(rank, world, port, out_dir)  # noqa: F841 (kept alive until os._exit)
         code = 0
     except BaseException:
         traceback.print_exc()
@@ -559,6 +560,7 @@ def _ddp_train(rank, world, port, out_dir):
         state.update({f"{n}.col_indices": m.col_indices.clone()
                       for n, m in integration._adapter_sparse_linears(model).items()})
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+        return ddp, opt, model  # the caller exits without destroying them (see _ddp_worker)
     finally:
         dist.destroy_process_group()
 
