@@ -49,13 +49,15 @@ struct TensorKey {
     return k;
   }
   bool expired() const { return storage.has_value() && storage->expired(); }
-  bool operator==(const TensorKey& o) const {
+  // the same tensor, whatever its version
+  bool same_tensor(const TensorKey& o) const {
     const bool both_undefined = !storage.has_value() && !o.storage.has_value();
     if (both_undefined) return true;
     if (storage.has_value() != o.storage.has_value()) return false;
     return storage->_unsafe_get_target() == o.storage->_unsafe_get_target() && !storage->expired() &&
-           data == o.data && numel == o.numel && version == o.version && dtype == o.dtype;
+           data == o.data && numel == o.numel && dtype == o.dtype;
   }
+  bool operator==(const TensorKey& o) const { return same_tensor(o) && version == o.version; }
 };
 
 // A cache key: the keys of some tensors plus integer parameters (what was derived, and how).
@@ -67,6 +69,14 @@ struct CacheKey {
     for (const TensorKey& t : tensors)
       if (t.expired()) return true;
     return false;
+  }
+  // an entry for the same tensors and parameters at older versions (e.g. the values before an
+  // optimizer step): it can never match again
+  bool superseded_by(const CacheKey& o) const {
+    if (params != o.params || tensors.size() != o.tensors.size()) return false;
+    for (size_t i = 0; i < tensors.size(); i++)
+      if (!tensors[i].same_tensor(o.tensors[i])) return false;
+    return true;
   }
 };
 
@@ -100,7 +110,9 @@ class PreparedCache {
     }
     std::shared_ptr<const Value> v = build();
     std::lock_guard<std::mutex> lock(mu_);
-    items_.remove_if([](const std::pair<CacheKey, std::shared_ptr<const Value>>& e) { return e.first.expired(); });
+    items_.remove_if([&key](const std::pair<CacheKey, std::shared_ptr<const Value>>& e) {
+      return e.first.expired() || e.first.superseded_by(key);
+    });
     items_.emplace_front(std::move(key), v);
     while (items_.size() > capacity_) items_.pop_back();
     return v;
