@@ -784,6 +784,35 @@ def test_cache_inference_tensors():
     torch.testing.assert_close(y2.double(), 2 * y1.double(), atol=0.05, rtol=0.02)
 
 
+def test_cache_concurrent_calls():
+    """Threads calling the ops at once on shared and private weights (cache lookups, inserts and
+    evictions racing) all get the reference result."""
+    import threading
+
+    weights = [make_weight((24, 300), 0.5 + 0.1 * (i % 4), dtype, "csr", None, seed=i)
+               for i, dtype in enumerate([torch.float32, torch.bfloat16] * 3)]
+    xs = {dt: rand(40, 300, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+    expected = [ref.spmm(xs[w.dtype].double(), w.values.double(), w.crow_indices, w.col_indices) for w in weights]
+    errors = []
+
+    def work(tid):
+        try:
+            for it in range(30):
+                i = (tid + it) % len(weights)
+                w = weights[i]
+                y = lib.csr_spmm(xs[w.dtype], w.values, w.crow_indices, w.col_indices, None)
+                check(y, expected[i], w.dtype, 300, f"thread {tid} call {it}")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 def test_bad_cache_env(monkeypatch):
     w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
     monkeypatch.setenv("SAK_CPU_CACHE", "off")
