@@ -283,20 +283,16 @@ struct Structure {
   int64_t chunks = 0, chunk = 0;
 };
 
-// The values of an operand as the kernels read them: the accumulation dtype (plain, kblocked) or
-// packed bf16 pairs (pairs).
-struct PreparedValues {
-  Tensor values;
-};
-
 // Cache sizes: a model's adapters have a handful of operands each (forward, the two transposes,
 // K-blocked variants); 256 covers a 24-layer model with room to spare.
 PreparedCache<Structure>& structure_cache() {
   static PreparedCache<Structure> c(256);
   return c;
 }
-PreparedCache<PreparedValues>& values_cache() {
-  static PreparedCache<PreparedValues> c(256);
+// The values of an operand as the kernels read them: the accumulation dtype (plain, kblocked) or
+// packed bf16 pairs (pairs).
+PreparedCache<Tensor>& values_cache() {
+  static PreparedCache<Tensor> c(256);
   return c;
 }
 
@@ -345,7 +341,7 @@ std::shared_ptr<const Structure> regroup(const int32_t* crow, const int32_t* col
   return S;
 }
 
-// The values as the kernels read them (see PreparedValues), from the operand's own values.
+// The values as the kernels read them (see values_cache), from the operand's own values.
 Tensor prepare_values(const Tensor& values, const std::optional<Tensor>& perm, const Structure* S, Layout layout,
                       DType dt) {
   const auto acc = dt == DType::f64 ? at::kDouble : at::kFloat;
@@ -373,12 +369,12 @@ Tensor prepare_values(const Tensor& values, const std::optional<Tensor>& perm, c
   return packed;
 }
 
-// A validated sparse operand ready for the kernels. `structure` and `prepared` keep what `op`
-// points into alive (op.crow / op.col may also point into the caller's index tensors).
+// A validated sparse operand ready for the kernels. `structure` and `values` keep what `op` points
+// into alive (op.crow / op.col may also point into the caller's index tensors).
 struct Operand {
   SparseOperand op;
   std::shared_ptr<const Structure> structure;
-  std::shared_ptr<const PreparedValues> prepared;
+  Tensor values;  // as the kernels read them: the caller's values, or prepared ones
 };
 
 // values: [nnz] (CSR) or [nb, bh, bw] (BSR). Stored orientation: block rows = crow.numel() - 1;
@@ -435,16 +431,11 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   });
   const Structure* S = o.structure.get();
   const bool as_given = layout == Layout::plain && !transposed && values.scalar_type() == (dt == DType::f64 ? at::kDouble : at::kFloat);
-  if (as_given) {  // the kernels read the values tensor itself
-    auto pv = std::make_shared<PreparedValues>();
-    pv->values = values;
-    o.prepared = pv;
+  if (as_given) {
+    o.values = values;  // the kernels read the values tensor itself
   } else {
-    o.prepared = values_cache().get({values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt}, [&]() {
-      auto pv = std::make_shared<PreparedValues>();
-      pv->values = prepare_values(values, perm, S, layout, dt);
-      return std::shared_ptr<const PreparedValues>(pv);
-    });
+    o.values = *values_cache().get({values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt},
+                                   [&]() { return std::make_shared<const Tensor>(prepare_values(values, perm, S, layout, dt)); });
   }
   o.op.crow = crow.data_ptr<int32_t>();
   o.op.col = col.data_ptr<int32_t>();
@@ -453,7 +444,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   o.op.bw = bw;
   o.op.nblocks = nb;
   if (layout == Layout::kblocked) {
-    o.op.values = o.prepared->values.data_ptr();
+    o.op.values = o.values.data_ptr();
     o.op.col = S->col.data();
     o.op.kptr = S->ptr.data();
     o.op.kchunks = S->chunks;
@@ -462,11 +453,11 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
     o.op.values = nullptr;  // the pairs carry their values
     o.op.pptr = S->ptr.data();
     o.op.pcol = S->col.data();
-    o.op.pval = reinterpret_cast<const uint32_t*>(o.prepared->values.data_ptr());
+    o.op.pval = reinterpret_cast<const uint32_t*>(o.values.data_ptr());
     o.op.kchunks = S->chunks;
     o.op.kchunk = S->chunk;
   } else {
-    o.op.values = o.prepared->values.data_ptr();
+    o.op.values = o.values.data_ptr();
   }
   return o;
 }
