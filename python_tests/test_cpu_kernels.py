@@ -662,12 +662,12 @@ def test_auto_dense_fallback_reuses_the_dense_weight():
     x = rand(3, 96)
     with torch.no_grad():
         y1 = sak.ops.sparse_linear(x, w, backend="auto")
-        first = w.values._sak_dense_cache[1]
+        first = w.values._sak_dense_cache.dense
         sak.ops.sparse_linear(x, w, backend="auto")
-        assert w.values._sak_dense_cache[1] is first
+        assert w.values._sak_dense_cache.dense is first
         w.values.mul_(2.0)  # an optimizer step: new version, new dense weight
         y2 = sak.ops.sparse_linear(x, w, backend="auto")
-        assert w.values._sak_dense_cache[1] is not first
+        assert w.values._sak_dense_cache.dense is not first
     torch.testing.assert_close(y2, 2 * y1)
     torch.testing.assert_close(y2, sak.ops.sparse_linear(x, w, backend="reference"))
     v = w.values.clone().requires_grad_(True)

@@ -94,6 +94,31 @@ class SparseWeight:
     layout: str = "csr"
     block_size: Tuple[int, int] = (1, 1)
 
+    def __post_init__(self) -> None:
+        """O(1) checks that the tensors' sizes agree with ``shape``, ``layout`` and ``block_size`` (the
+        contents of the indices are checked by :meth:`validate`)."""
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
+        out_f, in_f = self.shape
+        bh, bw = self.block_size
+        v = self.values
+        want_dims = 1 if self.layout == "csr" else 3
+        if v.dim() != want_dims or (want_dims == 3 and tuple(v.shape[1:]) != (bh, bw)):
+            want = "[nnz]" if want_dims == 1 else f"[nblocks, {bh}, {bw}]"
+            raise ValueError(f"values: expected shape {want} for layout={self.layout!r}, got {tuple(v.shape)}")
+        if out_f % bh or in_f % bw:
+            raise ValueError(f"block_size: {(bh, bw)} does not divide the weight shape {(out_f, in_f)}")
+        nb = v.shape[0]
+        sizes = {"crow_indices": out_f // bh + 1, "t_crow_indices": in_f // bw + 1, "col_indices": nb,
+                 "row_indices": nb, "t_row_indices": nb, "t_perm": nb}
+        for name, n in sizes.items():
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != n:
+                what = ("block rows + 1" if name == "crow_indices" else "block columns + 1" if name == "t_crow_indices"
+                        else "one per stored entry of values")
+                raise ValueError(f"{name}: expected shape [{n}] ({what}, for shape {(out_f, in_f)}, layout "
+                                 f"{self.layout!r}, block_size {(bh, bw)}), got {tuple(t.shape)}")
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: Optional[torch.Tensor] = None, layout: str = "csr",
@@ -192,6 +217,52 @@ class SparseWeight:
                    row_indices=rows.to(INDEX_DTYPE), t_crow_indices=t_crow, t_row_indices=t_row, t_perm=t_perm,
                    shape=(int(shape[0]), int(shape[1])), layout=layout, block_size=tuple(block_size))
 
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "SparseWeight":
+        """Check the contents of the indices (O(nnz)); return ``self`` or raise a ValueError naming the field.
+
+        ``crow_indices`` runs from 0 to nnz without decreasing, columns lie in range, no (row, column)
+        appears twice, ``row_indices`` agrees with ``crow_indices`` and the transpose metadata
+        describes the same entries."""
+        bh, bw = self.block_size
+        n_br, n_bc = self.shape[0] // bh, self.shape[1] // bw
+        nb = self.values.shape[0]
+        for name in STRUCTURE_FIELDS:
+            t = getattr(self, name)
+            if t.dtype != INDEX_DTYPE or t.device != self.values.device:
+                raise ValueError(f"{name}: expected {INDEX_DTYPE} on {self.values.device}, got {t.dtype} on {t.device}")
+        _check_crow("crow_indices", self.crow_indices, nb)
+        _check_crow("t_crow_indices", self.t_crow_indices, nb)
+        rows, cols = self.row_indices.long(), self.col_indices.long()
+        _check_range("col_indices", cols, n_bc, "block columns" if self.layout == "bsr" else "columns")
+        if not torch.equal(rows, _rows_from_crow(self.crow_indices)):
+            raise ValueError("row_indices: expected the row of each entry as given by crow_indices")
+        if nb > 1 and torch.unique(rows * n_bc + cols).numel() != nb:
+            raise ValueError("col_indices: expected each (row, column) once, got duplicate entries")
+        perm = self.t_perm.long()
+        _check_range("t_perm", perm, nb, "stored entries")
+        if nb and (torch.bincount(perm, minlength=nb) != 1).any():
+            raise ValueError("t_perm: expected a permutation of the stored entries, got an entry twice")
+        if not (torch.equal(rows[perm], self.t_row_indices.long())
+                and torch.equal(cols[perm], _rows_from_crow(self.t_crow_indices))):
+            raise ValueError("t_crow_indices/t_row_indices/t_perm: expected the transpose of the weight's structure")
+        return self
+
+    def validate_cached(self) -> "SparseWeight":
+        """:meth:`validate`, skipped while the indices hold what they held at the last successful check.
+
+        On the CPU the check compares the index tensors with copies kept from that check (a few
+        microseconds), so any write is seen. On a GPU a comparison would synchronize on every call:
+        there the copies are keyed by the tensors' version counters, so indices written without
+        PyTorch seeing it (through ``.data``) are not checked again: treat the structure of a
+        SparseWeight as immutable and build a new one (``from_dense``/``from_csr``) to change it."""
+        memo = getattr(self.col_indices, "_sak_validated", None)
+        if memo is not None and memo.holds(self):
+            return self
+        self.validate()
+        self.col_indices._sak_validated = _StructureSnapshot(self)
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def nnz(self) -> int:
@@ -247,19 +318,22 @@ class SparseWeight:
         return self._scatter(self.values, 0)
 
     def to_dense_cached(self) -> torch.Tensor:
-        """:meth:`to_dense`, kept on ``values`` and reused while they and the structure are unchanged
-        (same tensor version) when no gradient is needed: what ``backend="auto"`` runs dense math on
-        above the crossover in inference. Under autograd or torch.compile it is plain :meth:`to_dense`."""
+        """:meth:`to_dense`, kept on ``values`` and reused while the values and the structure hold what
+        they held when it was built, when no gradient is needed: what ``backend="auto"`` runs dense
+        math on above the crossover in inference. Under autograd or torch.compile it is plain
+        :meth:`to_dense`.
+
+        The check compares contents (values, row and column indices against copies kept with the dense
+        weight), never a version counter: fused optimizers, ``p.data`` writes, ``param.data = ...``
+        and ``vector_to_parameters`` all change values without bumping it."""
         v = self.values
         if (torch.is_grad_enabled() and v.requires_grad) or torch.compiler.is_compiling():
             return self.to_dense()
-        key = (v._version, self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.shape, self.layout,
-               self.block_size)
         hit = getattr(v, "_sak_dense_cache", None)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        if hit is not None and hit.holds(self):
+            return hit.dense
         dense = self.to_dense()
-        v._sak_dense_cache = (key, dense)
+        v._sak_dense_cache = _DenseCache(self, dense)
         return dense
 
     def _scatter(self, vals: torch.Tensor, fill) -> torch.Tensor:
@@ -297,6 +371,57 @@ class SparseWeight:
         bs = f", block_size={self.block_size}" if self.layout == "bsr" else ""
         return (f"SparseWeight(shape={self.shape}, layout={self.layout!r}{bs}, nnz={self.nnz}, "
                 f"density={self.density:.4f}, dtype={self.dtype}, device={self.device})")
+
+
+def _check_crow(name: str, crow: torch.Tensor, nnz: int) -> None:
+    c = crow.long()
+    if int(c[0]) != 0 or int(c[-1]) != nnz or bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"{name}: expected a non-decreasing array from 0 to {nnz} (the stored entries), got "
+                         f"{int(c[0])} .. {int(c[-1])}" + (" with a decrease" if bool((c[1:] < c[:-1]).any()) else ""))
+
+
+def _check_range(name: str, idx: torch.Tensor, limit: int, what: str) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
+        raise ValueError(f"{name}: expected values in [0, {limit}) ({what}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+
+
+class _StructureSnapshot:
+    """What :meth:`SparseWeight.validate_cached` last checked: copies of the indices (CPU) or their
+    identities and versions (other devices)."""
+
+    def __init__(self, w: SparseWeight):
+        self.meta = (w.shape, w.layout, w.block_size)
+        fields = [getattr(w, f) for f in STRUCTURE_FIELDS]
+        self.by_content = all(t.device.type == "cpu" for t in fields)
+        self.fields = ([t.clone() for t in fields] if self.by_content
+                       else [(t.data_ptr(), t.shape, t._version) for t in fields])
+
+    def holds(self, w: SparseWeight) -> bool:
+        fields = [getattr(w, f) for f in STRUCTURE_FIELDS]
+        if self.meta != (w.shape, w.layout, w.block_size):
+            return False
+        if self.by_content:
+            return all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+                       for a, b in zip(self.fields, fields))
+        return all(a == (b.data_ptr(), b.shape, b._version) for a, b in zip(self.fields, fields))
+
+
+class _DenseCache:
+    """A dense weight with copies of what it was built from (see :meth:`SparseWeight.to_dense_cached`)."""
+
+    def __init__(self, w: SparseWeight, dense: torch.Tensor):
+        self.dense = dense
+        self.meta = (w.shape, w.layout, w.block_size, w.values.dtype, w.values.device)
+        self.values = w.values.detach().clone()
+        self.rows = w.row_indices.clone()
+        self.cols = w.col_indices.clone()
+
+    def holds(self, w: SparseWeight) -> bool:
+        return (self.meta == (w.shape, w.layout, w.block_size, w.values.dtype, w.values.device)
+                and self.rows.shape == w.row_indices.shape and self.cols.shape == w.col_indices.shape
+                and torch.equal(self.values, w.values) and torch.equal(self.rows, w.row_indices)
+                and torch.equal(self.cols, w.col_indices))
 
 
 def _transpose_weight(w: SparseWeight, values: torch.Tensor) -> SparseWeight:

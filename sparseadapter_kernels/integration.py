@@ -40,8 +40,8 @@ import inspect
 import json
 import os
 import re
+import secrets
 import sys
-import tempfile
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -837,30 +837,56 @@ def _state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[st
     return tensors, sparse_meta, stats
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+def _is_temp_name(name: str) -> bool:
+    """A temp file of :func:`save_adapters` (this version's and earlier ones'): ``.<file name>.<id>.tmp``."""
+    return name.endswith(".tmp") and name.startswith(("." + CONFIG_NAME + ".", "." + WEIGHTS_NAME + "."))
+
+
+def _staged_weights_name(digest: str) -> str:
+    """Where a save puts the new weights until its last rename: named after their SHA-256."""
+    return f".{WEIGHTS_NAME}.{digest}.tmp"
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the renames in ``directory`` durable (skipped where directories cannot be fsynced)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` by ``data`` in one rename: temp file in the same directory, fsync, ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(directory)
 
 
 def _base_model_info(model: nn.Module) -> Dict[str, Any]:
@@ -870,24 +896,63 @@ def _base_model_info(model: nn.Module) -> Dict[str, Any]:
                 name_or_path=str(getattr(cfg, "_name_or_path", "") or "") if cfg is not None else "")
 
 
-def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
-    """Write ``path/adapter_config.json`` and ``path/adapter_model.safetensors`` (values + int32 indices).
+def _safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` with a canonical header (sorted keys): equal input, equal bytes.
 
-    Each file is written atomically (temp file in the same directory, fsync, rename), the weights first;
-    the config records the weights' SHA-256 so a mismatched or corrupted pair is detected on load.
-    Returns the sizes: ``sparse_total_bytes`` (what is stored) vs ``dense_total_bytes`` (dense adapters),
-    ``file_bytes`` (the safetensors file) and ``nnz``.
+    ``safetensors`` writes the ``__metadata__`` entries in hash-map order, which changes between calls.
     """
     from safetensors.torch import save as st_save
 
+    blob = st_save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
+
+
+def _finish_interrupted_save(path: str) -> None:
+    """Clean up after saves into ``path`` that were killed or failed.
+
+    If the config names weights that only the staged file holds (the save stopped between its commit and
+    its last rename), that rename is done now; every other temp file of :func:`save_adapters` is deleted.
+    """
+    temps = {e.path for e in os.scandir(path) if _is_temp_name(e.name) and e.is_file(follow_symlinks=False)}
+    if not temps:
+        return
+    try:
+        doc = read_adapter_config(path)
+        w_path, _ = _read_weights(path, doc)
+    except (OSError, ValueError):  # no loadable checkpoint: none of the temp files belongs to one
+        w_path = None
+    if w_path in temps:
+        os.replace(w_path, os.path.join(path, doc["format"].get("weights_file", WEIGHTS_NAME)))
+        _fsync_dir(path)
+        temps.remove(w_path)
+    for tmp in temps:
+        _remove(tmp)
+
+
+def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
+    """Write ``path/adapter_config.json`` and ``path/adapter_model.safetensors`` (values + int32 indices).
+
+    Crash-safe: at every instant ``path`` loads as the complete previous checkpoint or the complete new
+    one. The new weights go to a staged file named after their SHA-256 (fsynced); then the config, which
+    records that SHA-256, replaces the old one in a single rename (the commit); then the staged file is
+    renamed onto ``adapter_model.safetensors``. :func:`load_adapters` uses the staged file when a save
+    stopped between the last two renames, and the next save finishes that rename and deletes the
+    other temp files (``.adapter_*.tmp``) that killed saves left. Other files in ``path`` are not touched;
+    one writer per ``path`` at a time. The files are the same as before (format version 1), and equal
+    adapters give byte-identical files.
+    Returns the sizes: ``sparse_total_bytes`` (what is stored) vs ``dense_total_bytes`` (dense adapters),
+    ``file_bytes`` (the safetensors file) and ``nnz``.
+    """
     config = getattr(model, "_sparse_adapter_config", None)
     if config is None or not adapter_sites(model):
         raise ValueError(f"model: {type(model).__name__} has no sparse adapters to save (call add_sparse_adapters)")
-    os.makedirs(path, exist_ok=True)
     tensors, sparse_meta, stats = _state(model)
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "sparse_modules": json.dumps(sparse_meta, sort_keys=True)}
-    blob = st_save(tensors, metadata=metadata)
+    blob = _safetensors_bytes(tensors, metadata)
     digest = hashlib.sha256(blob).hexdigest()
     stats["file_bytes"] = len(blob)
     from . import __version__
@@ -898,8 +963,21 @@ def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
                stats=stats,
                format=dict(name=FORMAT_NAME, version=FORMAT_VERSION, library_version=__version__,
                            weights_file=WEIGHTS_NAME, sha256=digest, index_dtype="int32"))
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), blob)
-    _atomic_write(os.path.join(path, CONFIG_NAME), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    os.makedirs(path, exist_ok=True)
+    _finish_interrupted_save(path)
+    staged = os.path.join(path, _staged_weights_name(digest))
+    try:
+        _write_synced(staged, blob)
+        _fsync_dir(path)
+        _atomic_write(os.path.join(path, CONFIG_NAME), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+        os.replace(staged, os.path.join(path, WEIGHTS_NAME))
+        _fsync_dir(path)
+    except BaseException:
+        try:  # keeps whichever checkpoint is committed; the next save retries what fails here
+            _finish_interrupted_save(path)
+        except OSError:
+            pass
+        raise
     return stats
 
 
@@ -920,7 +998,31 @@ def read_adapter_config(path: str) -> Dict[str, Any]:
     if not _is_int(version) or version > FORMAT_VERSION:
         raise ValueError(f"load_adapters: {cfg_path} has format version {version!r}; this library reads up to "
                          f"{FORMAT_VERSION} (upgrade sparseadapter_kernels)")
+    digest = doc["format"].get("sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError(f"load_adapters: {cfg_path} is corrupted (format.sha256 is not a SHA-256 hex digest: "
+                         f"{digest!r})")
     return doc
+
+
+def _read_weights(path: str, doc: Dict[str, Any]) -> Tuple[str, bytes]:
+    """Path and bytes of the weights file that belongs to the config ``doc`` (its SHA-256 checked).
+
+    That is ``adapter_model.safetensors``, or the staged file of a save that stopped after its commit.
+    """
+    w_path = os.path.join(path, doc["format"].get("weights_file", WEIGHTS_NAME))
+    digest = doc["format"].get("sha256")
+    candidates = [w_path] if digest is None else [w_path, os.path.join(path, _staged_weights_name(digest))]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            with open(candidate, "rb") as f:
+                blob = f.read()
+            if digest is None or hashlib.sha256(blob).hexdigest() == digest:
+                return candidate, blob
+    if not os.path.isfile(w_path):
+        raise FileNotFoundError(f"load_adapters: {w_path} not found")
+    raise ValueError(f"load_adapters: {w_path} is corrupted or does not belong to {CONFIG_NAME} "
+                     "(SHA-256 mismatch)")
 
 
 def _check_architecture(model: nn.Module, doc: Dict[str, Any], path: str) -> None:
@@ -993,15 +1095,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
         config = SparseAdapterConfig.from_dict(doc)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"load_adapters: {os.path.join(path, CONFIG_NAME)} holds an invalid config: {exc}") from None
-    w_path = os.path.join(path, doc["format"].get("weights_file", WEIGHTS_NAME))
-    if not os.path.isfile(w_path):
-        raise FileNotFoundError(f"load_adapters: {w_path} not found")
-    with open(w_path, "rb") as f:
-        blob = f.read()
-    digest = doc["format"].get("sha256")
-    if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
-        raise ValueError(f"load_adapters: {w_path} is corrupted or does not belong to {CONFIG_NAME} "
-                         "(SHA-256 mismatch)")
+    w_path, blob = _read_weights(path, doc)
     try:
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")

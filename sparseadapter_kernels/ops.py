@@ -116,6 +116,15 @@ def _check_weight(name: str, w) -> None:
                         "(build one with SparseWeight.from_dense(weight, mask))")
 
 
+def _check_structure(backend: str, *weights: SparseWeight) -> None:
+    """Index contents on every backend: the C++ CPU kernels check them themselves (once per structure,
+    re-checked whenever the indices change); the others through :meth:`SparseWeight.validate_cached`."""
+    if backend == "cpu" or torch.compiler.is_compiling():
+        return
+    for w in weights:
+        w.validate_cached()
+
+
 def _check_x(x, w: SparseWeight, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -151,6 +160,7 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: Optional[torch.Tensor]
     _check_x(x, w)
     _check_bias("bias", bias, w.out_features, x)
     backend = _resolve_backend(backend, x, w, "linear")
+    _check_structure(backend, w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features).contiguous()
     if backend in ("reference", "dense"):
@@ -198,6 +208,7 @@ def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_b
             raise TypeError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
     residual_is_x = residual is x
     backend = _resolve_backend(backend, x, down, "adapter")
+    _check_structure(backend, down, up)
     x2 = x.reshape(-1, down.in_features).contiguous()
     if residual is not None:
         # residual=x: pass the same tensor object twice, so the backward adds x's two gradients in the kernel

@@ -443,7 +443,9 @@ struct Kern {
         if (out != h) std::memcpy(out, h, n * sizeof(A));
         break;
       case Act::relu:
-        for (int64_t i = 0; i < n; i += W) V::store(out + i, V::max(V::load(h + i), V::zero()));
+        // max(0, h), zero first: every ISA's max returns its second operand when either is NaN, so a
+        // NaN stays NaN (as torch.relu keeps it) instead of turning into 0
+        for (int64_t i = 0; i < n; i += W) V::store(out + i, V::max(V::zero(), V::load(h + i)));
         break;
       case Act::gelu:
         for (int64_t i = 0; i < n; i += W) V::store(out + i, V::gelu(V::load(h + i)));

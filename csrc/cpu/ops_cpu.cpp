@@ -157,8 +157,9 @@ void check_same_dtype(const char* op, const char* name, const Tensor& t, const c
 void check_matrix(const char* op, const char* name, const Tensor& t, const char* what) {
   TORCH_CHECK(t.dim() == 2, "sparseadapter_kernels::", op, ": ", name, ": expected a 2-D tensor ", what, ", got a ",
               t.dim(), "-D tensor of shape ", shape_str(t));
-  const bool rows_ok = t.size(1) <= 1 || t.stride(1) == 1;
-  const bool ld_ok = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+  // an empty matrix is read by no kernel: any strides will do
+  const bool rows_ok = t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1;
+  const bool ld_ok = t.numel() == 0 || t.size(0) <= 1 || t.stride(0) >= t.size(1);
   TORCH_CHECK(rows_ok && ld_ok, "sparseadapter_kernels::", op, ": ", name,
               ": expected contiguous rows (stride(1) == 1), got strides [", t.stride(0), ", ", t.stride(1),
               "] for shape ", shape_str(t), "; call .contiguous()");
@@ -227,6 +228,21 @@ void check_permutation(const char* op, const char* name, const Tensor& perm) {
   }
 }
 
+// No (row, column) twice: the backends would disagree on what a duplicate means (summed or replaced),
+// and the transpose of a structure with duplicates is not one. O(nnz + rows + cols).
+void check_no_duplicates(const char* op, const char* name, const Tensor& crow, const Tensor& col, int64_t n_cols) {
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const int32_t* cl = col.data_ptr<int32_t>();
+  const int64_t rows = crow.numel() - 1;
+  std::vector<int32_t> last_row(n_cols, -1);
+  for (int64_t r = 0; r < rows; r++)
+    for (int32_t k = cr[r]; k < cr[r + 1]; k++) {
+      TORCH_CHECK(last_row[cl[k]] != (int32_t)r, "sparseadapter_kernels::", op, ": ", name,
+                  ": expected each (row, column) once, got column ", cl[k], " twice in row ", r);
+      last_row[cl[k]] = (int32_t)r;
+    }
+}
+
 // K-blocking (see SparseOperand::kptr): the forward transposes x one chunk of KCHUNK features at a
 // time and every row consumes it from L1 at once. Measured on the Zen 5 machine (docs/cpu_kernels.md):
 // it pays when x comes from memory (x of 4 MiB and more: N = 4096 at d = 768, fp32 and bf16) and
@@ -289,12 +305,6 @@ PreparedCache<Structure>& structure_cache() {
   static PreparedCache<Structure> c(256);
   return c;
 }
-// The values of an operand as the kernels read them: the accumulation dtype (plain, kblocked) or
-// packed bf16 pairs (pairs).
-PreparedCache<Tensor>& values_cache() {
-  static PreparedCache<Tensor> c(256);
-  return c;
-}
 
 // Regroup the entries of (crow, col) (the operand's orientation; `perm` maps them to value indices)
 // chunk by chunk: kblocked (one slot per entry) or pairs (two slots per pair, an odd group padded).
@@ -341,7 +351,9 @@ std::shared_ptr<const Structure> regroup(const int32_t* crow, const int32_t* col
   return S;
 }
 
-// The values as the kernels read them (see values_cache), from the operand's own values.
+// The values as the kernels read them: the accumulation dtype (plain, kblocked) or packed bf16 pairs
+// (pairs). Prepared on every call, never cached: values change at every optimizer step, through paths
+// that no cache key can see (fused optimizers, p.data writes). O(nnz), a few microseconds.
 Tensor prepare_values(const Tensor& values, const std::optional<Tensor>& perm, const Structure* S, Layout layout,
                       DType dt) {
   const auto acc = dt == DType::f64 ? at::kDouble : at::kFloat;
@@ -381,7 +393,7 @@ struct Operand {
 // with perm (the transpose structure) the blocks are values[perm[k]].T. `in_features` is the size of
 // the dimension the product contracts over (the columns of the operand as applied). The O(nnz)
 // checks of the indices and the regrouping run once per index tensors (cached), the preparation of
-// the values once per version of `values`.
+// the values on every call (see prepare_values).
 Operand make_operand(const char* op, const std::string& prefix, const Tensor& values, const Tensor& crow,
                      const Tensor& col, const std::optional<Tensor>& perm, int64_t in_features,
                      const char* in_what, DType dt, Layout layout = Layout::plain, int64_t chunk = 0) {
@@ -420,6 +432,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   o.structure = structure_cache().get({crow, col, perm_t}, params, [&]() {
     check_crow(op, cn.c_str(), crow, block_rows, "block rows", nb, ("the number of entries of " + kn).c_str());
     check_range(op, kn.c_str(), col, block_cols, bsr ? "block columns" : "columns");
+    check_no_duplicates(op, kn.c_str(), crow, col, block_cols);
     if (transposed) {
       check_range(op, pn.c_str(), *perm, nb, "entries of values");
       check_permutation(op, pn.c_str(), *perm);
@@ -434,8 +447,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   if (as_given) {
     o.values = values;  // the kernels read the values tensor itself
   } else {
-    o.values = *values_cache().get({values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt},
-                                   [&]() { return std::make_shared<const Tensor>(prepare_values(values, perm, S, layout, dt)); });
+    o.values = prepare_values(values, perm, S, layout, dt);
   }
   o.op.crow = crow.data_ptr<int32_t>();
   o.op.col = col.data_ptr<int32_t>();
@@ -550,6 +562,11 @@ void check_transpose_cached(const char* op, const std::string& prefix, const Ten
                             const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm) {
   static PreparedCache<bool> checked(256);
   checked.get({crow, col, t_crow, t_row, t_perm}, {}, [&]() {
+    const std::string a = prefix + "t_crow_indices", c = prefix + "t_perm";
+    check_crow(op, a.c_str(), t_crow, t_crow.numel() - 1, "block columns of the weight", col.numel(),
+               "the number of stored entries");
+    check_range(op, c.c_str(), t_perm, col.numel(), "entries of values");
+    check_permutation(op, c.c_str(), t_perm);
     check_transpose_consistent(op, prefix, crow, col, t_crow, t_row, t_perm);
     return std::make_shared<const bool>(true);
   });
@@ -665,6 +682,9 @@ Tensor linear_impl(const char* op, const Tensor& x, const Tensor& values, const 
   Tensor y = spmm_impl(op, x, values, crow, col, std::nullopt, bsr);
   const int64_t bw = bsr ? values.size(2) : 1;
   check_t_meta(op, "", t_crow, t_row, t_perm, x.size(1) / bw, col.numel());
+  // the backward computes dx through the transpose: it must describe the same entries (cached per
+  // structure, as in fused_adapter_backward)
+  check_transpose_cached(op, "", crow, col, t_crow, t_row, t_perm);
   return y;
 }
 

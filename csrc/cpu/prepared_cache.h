@@ -1,18 +1,18 @@
-// A small LRU cache of what the CPU ops derive from a sparse weight's tensors: the validated index
-// structure, its regrouped layouts (K-blocked CSR, bf16 pairs, transposes) and the values prepared
-// for the kernels. Included by ops_cpu.cpp only (it needs torch; the kernel files must not).
+// A small LRU cache of what the CPU ops derive from the index tensors of a sparse weight: the
+// validated structure and its regrouped layouts (K-blocked CSR, bf16 pairs, BSR entry rows, the
+// transpose-consistency check). Included by ops_cpu.cpp only (it needs torch; the kernel files must not).
 //
-// Why: that preparation is O(nnz) per call (validation scans, a counting sort, gathers): 30-70 us
-// for an adapter projection at sparsity 0.8-0.9, which is 5-10% of a [4096, 768] product and
-// several times the whole product for a few tokens. The structure of a pruned adapter never changes
-// and its values change once per optimizer step, so both are computed once and reused.
+// Why: validating and regrouping a structure is O(nnz) with scattered accesses (range scans, a
+// counting sort, a permutation check): 30-70 us for an adapter projection at sparsity 0.8-0.9, which is
+// several times the whole product for a few tokens. The structure of a pruned adapter never changes.
 //
-// An entry is valid for a tensor while the tensor is the same storage (held weakly: a freed tensor's
-// entry can never match a new tensor at the same address), at the same data pointer and size, and
-// its version counter has not moved (every in-place op bumps it, so an in-place update of values or
-// of the indices is always seen). Inference tensors have no version counter: they are never cached.
-// Writes that bypass PyTorch (a raw data pointer, numpy on .numpy()) are not seen; SAK_CPU_CACHE=0
-// turns the cache off.
+// When an entry is served: only while the tensors it was built from hold, byte for byte, the contents
+// they held when it was built. Every lookup compares the tensors with a snapshot kept in the entry
+// (memcmp of the index arrays: a few microseconds for an adapter projection). Nothing trusts a version
+// counter or a data pointer: writes through `.data`, `param.data = ...`, fused optimizers, numpy views
+// or raw pointers all bypass PyTorch's version counter, and a freed tensor's address can be reused.
+// Values (which change at every optimizer step) are never cached: ops_cpu.cpp prepares them per call.
+// SAK_CPU_CACHE=0 turns the cache off.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,59 +23,60 @@
 #include <list>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <vector>
 
 namespace sak_cpu {
 
-// The identity of a tensor's contents at one moment (see above). An undefined tensor is a valid key.
-struct TensorKey {
-  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
-  const void* data = nullptr;
-  int64_t numel = 0;
-  uint32_t version = 0;
-  at::ScalarType dtype = at::kFloat;
+// The contents of some tensors plus integer parameters (what was derived from them, and how).
+// Lookups find candidates by data pointer and size, then compare the bytes.
+struct CacheKey {
+  struct Item {
+    const void* data = nullptr;  // where the tensor was (a lookup hint only, never trusted)
+    at::ScalarType dtype = at::kInt;
+    std::vector<int64_t> sizes;
+    std::vector<uint8_t> bytes;  // the snapshot; empty for an undefined tensor
+    bool defined = false;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> params;
 
-  // nullopt: the tensor cannot be keyed (an inference tensor, or one without storage)
-  static std::optional<TensorKey> of(const at::Tensor& t) {
-    TensorKey k;
-    if (!t.defined()) return k;
-    if (t.is_inference() || !t.has_storage()) return std::nullopt;
-    k.storage = t.storage().getWeakStorageImpl();
-    k.data = t.data_ptr();
-    k.numel = t.numel();
-    k.version = t._version();
-    k.dtype = t.scalar_type();
+  // Tensors must be contiguous (the callers check it before any lookup).
+  static CacheKey of(const std::vector<at::Tensor>& tensors, std::vector<int64_t> params, bool snapshot) {
+    CacheKey k;
+    k.params = std::move(params);
+    k.items.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) {
+      Item it;
+      it.defined = t.defined();
+      if (it.defined) {
+        TORCH_CHECK(t.is_contiguous(), "sparseadapter_kernels: internal: a cached index tensor must be contiguous");
+        it.data = t.data_ptr();
+        it.dtype = t.scalar_type();
+        it.sizes = t.sizes().vec();
+        if (snapshot) {
+          const auto* p = static_cast<const uint8_t*>(t.data_ptr());
+          it.bytes.assign(p, p + t.nbytes());
+        }
+      }
+      k.items.push_back(std::move(it));
+    }
     return k;
   }
-  bool expired() const { return storage.has_value() && storage->expired(); }
-  // the same tensor, whatever its version
-  bool same_tensor(const TensorKey& o) const {
-    const bool both_undefined = !storage.has_value() && !o.storage.has_value();
-    if (both_undefined) return true;
-    if (storage.has_value() != o.storage.has_value()) return false;
-    return storage->_unsafe_get_target() == o.storage->_unsafe_get_target() && !storage->expired() &&
-           data == o.data && numel == o.numel && dtype == o.dtype;
+  // same tensors by address and shape (a candidate), and same parameters
+  bool same_place(const CacheKey& o) const {
+    if (params != o.params || items.size() != o.items.size()) return false;
+    for (size_t i = 0; i < items.size(); i++) {
+      const Item &a = items[i], &b = o.items[i];
+      if (a.defined != b.defined || a.data != b.data || a.dtype != b.dtype || a.sizes != b.sizes) return false;
+    }
+    return true;
   }
-  bool operator==(const TensorKey& o) const { return same_tensor(o) && version == o.version; }
-};
-
-// A cache key: the keys of some tensors plus integer parameters (what was derived, and how).
-struct CacheKey {
-  std::vector<TensorKey> tensors;
-  std::vector<int64_t> params;
-  bool operator==(const CacheKey& o) const { return params == o.params && tensors == o.tensors; }
-  bool expired() const {
-    for (const TensorKey& t : tensors)
-      if (t.expired()) return true;
-    return false;
-  }
-  // an entry for the same tensors and parameters at older versions (e.g. the values before an
-  // optimizer step): it can never match again
-  bool superseded_by(const CacheKey& o) const {
-    if (params != o.params || tensors.size() != o.tensors.size()) return false;
-    for (size_t i = 0; i < tensors.size(); i++)
-      if (!tensors[i].same_tensor(o.tensors[i])) return false;
+  // the snapshot equals the current contents of `tensors` (which are at the same place)
+  bool holds(const std::vector<at::Tensor>& tensors) const {
+    for (size_t i = 0; i < items.size(); i++) {
+      if (!items[i].defined) continue;
+      if (std::memcmp(items[i].bytes.data(), tensors[i].data_ptr(), items[i].bytes.size()) != 0) return false;
+    }
     return true;
   }
 };
@@ -87,31 +88,28 @@ class PreparedCache {
  public:
   explicit PreparedCache(size_t capacity) : capacity_(capacity) {}
 
-  // The cached value for the key of `tensors` + `params`, built by `build()` on a miss. Builds run
-  // outside the lock (two threads may build the same entry once each; both results are correct).
+  // The value derived from `tensors` + `params`, built by `build()` when no entry holds their current
+  // contents. Builds run outside the lock (two threads may build the same entry once each; both
+  // results are correct). `build()` may throw (a validation error): nothing is cached then.
   std::shared_ptr<const Value> get(const std::vector<at::Tensor>& tensors, std::vector<int64_t> params,
                                    const std::function<std::shared_ptr<const Value>()>& build) {
     if (!enabled()) return build();
-    CacheKey key;
-    key.params = std::move(params);
-    for (const at::Tensor& t : tensors) {
-      std::optional<TensorKey> k = TensorKey::of(t);
-      if (!k) return build();
-      key.tensors.push_back(std::move(*k));
-    }
+    const CacheKey probe = CacheKey::of(tensors, params, /*snapshot=*/false);
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto it = items_.begin(); it != items_.end(); ++it) {
-        if (it->first == key) {
+        if (it->first.same_place(probe) && it->first.holds(tensors)) {
           items_.splice(items_.begin(), items_, it);  // most recently used first
           return items_.front().second;
         }
       }
     }
     std::shared_ptr<const Value> v = build();
+    CacheKey key = CacheKey::of(tensors, std::move(params), /*snapshot=*/true);
     std::lock_guard<std::mutex> lock(mu_);
+    // an entry at the same place with other contents can only match again if the old contents come back
     items_.remove_if([&key](const std::pair<CacheKey, std::shared_ptr<const Value>>& e) {
-      return e.first.expired() || e.first.superseded_by(key);
+      return e.first.same_place(key);
     });
     items_.emplace_front(std::move(key), v);
     while (items_.size() > capacity_) items_.pop_back();

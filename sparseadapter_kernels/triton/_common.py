@@ -139,7 +139,7 @@ def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 def activation(h, ACT: tl.constexpr):
     """act(h) in fp32 (codes of ACT_CODES)."""
     if ACT == 1:
-        return tl.maximum(h, 0.0)
+        return tl.where(h <= 0.0, 0.0, h)  # NaN stays NaN (torch.relu keeps it; maximum may not)
     elif ACT == 2:
         return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
     elif ACT == 3:

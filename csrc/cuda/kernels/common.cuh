@@ -108,7 +108,7 @@ SAK_HOST_DEVICE double sak_exp(double v) { return exp(v); }
 template <class A>
 SAK_HOST_DEVICE A act_forward(A h, int act) {
   switch (act) {
-    case kActRelu: return h > A(0) ? h : A(0);
+    case kActRelu: return h <= A(0) ? A(0) : h;  // NaN stays NaN, as torch.relu keeps it
     case kActGelu: return A(0.5) * h * (A(1) + sak_erf(h * A(0.7071067811865476)));
     case kActSilu: return h / (A(1) + sak_exp(-h));
     default: return h;
