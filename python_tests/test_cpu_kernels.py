@@ -773,7 +773,7 @@ def test_cache_never_serves_a_freed_tensor():
 
 
 def test_cache_inference_tensors():
-    """Inference tensors (no version counter) are prepared per call, not cached, and give the same result."""
+    """Inference tensors (no version counter) are cached by content like any other: an in-place update is seen."""
     with torch.inference_mode():
         w = make_weight((16, 400), 0.5, torch.bfloat16, "csr", None)
         x = rand(33, 400, dtype=torch.bfloat16)

@@ -195,3 +195,28 @@ def test_empty_inputs(layout_kw, backend, make):
     assert out.shape == x.shape
     (y.sum() + out.sum()).backward()
     assert x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU backends (run where a CUDA device is visible; `make gpu-check` runs them)
+# ---------------------------------------------------------------------------------------------
+GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and sak.backend_status()[b][0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device with a usable GPU backend")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
+def test_gpu_nan_and_bad_indices(backend, activation):
+    kw = dict(layout="bsr", block_size=(16, 16))
+    down, _ = random_sparse((32, 64), 0.0, device="cuda", **kw)
+    up, _ = random_sparse((64, 32), 0.0, device="cuda", **kw)
+    bias = torch.zeros(32, device="cuda")
+    bias[3] = float("nan")
+    out = ops.sparse_adapter(torch.randn(5, 64, device="cuda"), down, up, down_bias=bias, activation=activation,
+                             residual=None, backend=backend)
+    assert bool(out.isnan().all()), f"{activation} on {backend}: NaN lost in {int((~out.isnan()).sum())} outputs"
+    col = down.col_indices.clone()
+    col[-1] = -1
+    with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, 4\)"):
+        ops.sparse_linear(torch.randn(3, 64, device="cuda"), _corrupt(down, col_indices=col), backend=backend)

@@ -197,6 +197,32 @@ def test_adapter_activations(act):
     check_adapter(37, 64, 32, (16, 16), (16, 32), 0.5, torch.float32, act=act)
 
 
+@interpret
+@pytest.mark.parametrize("act", ACTS)
+def test_adapter_nan_propagates(act):
+    """A NaN hidden unit (NaN down bias) stays NaN through every activation, as torch.relu keeps it."""
+    down, _ = random_sparse((32, 64), 0.0, device=DEVICE, layout="bsr", block_size=(16, 16))
+    up, _ = random_sparse((64, 32), 0.0, device=DEVICE, layout="bsr", block_size=(16, 16))
+    bias = torch.zeros(32, device=DEVICE)
+    bias[3] = float("nan")
+    out = sak.ops.sparse_adapter(torch.randn(5, 64, device=DEVICE), down, up, down_bias=bias, activation=act,
+                                 residual=None, backend="triton")
+    assert bool(out.isnan().all()), f"{act}: NaN lost in {int((~out.isnan()).sum())} outputs"
+
+
+@interpret
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_out_of_range_indices_refused(bad):
+    import dataclasses
+
+    w, _ = random_sparse((32, 64), 0.5, device=DEVICE, layout="bsr", block_size=(16, 16))
+    col = w.col_indices.clone()
+    col[-1] = bad
+    with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, 4\)"):
+        sak.ops.sparse_linear(torch.randn(3, 64, device=DEVICE), dataclasses.replace(w, col_indices=col),
+                              backend="triton")
+
+
 @pytest.fixture(params=["atomic", "sddmm"])
 def wgrad(request, monkeypatch):
     """Both ways of reducing the weight gradients of the fused backward (atomics in the kernel, or the

@@ -118,8 +118,10 @@ def _check_weight(name: str, w) -> None:
 
 def _check_structure(backend: str, *weights: SparseWeight) -> None:
     """Index contents on every backend: the C++ CPU kernels check them themselves (once per structure,
-    re-checked whenever the indices change); the others through :meth:`SparseWeight.validate_cached`."""
-    if backend == "cpu" or torch.compiler.is_compiling():
+    re-checked whenever the indices change), the dense weight of ``"dense"`` checks them when it is
+    built or reused (:meth:`SparseWeight.to_dense_cached`); the others through
+    :meth:`SparseWeight.validate_cached`."""
+    if backend in ("cpu", "dense") or torch.compiler.is_compiling():
         return
     for w in weights:
         w.validate_cached()

@@ -305,6 +305,10 @@ PreparedCache<Structure>& structure_cache() {
   static PreparedCache<Structure> c(256);
   return c;
 }
+PreparedCache<Tensor>& values_cache() {
+  static PreparedCache<Tensor> c(256);
+  return c;
+}
 
 // Regroup the entries of (crow, col) (the operand's orientation; `perm` maps them to value indices)
 // chunk by chunk: kblocked (one slot per entry) or pairs (two slots per pair, an odd group padded).
@@ -352,8 +356,8 @@ std::shared_ptr<const Structure> regroup(const int32_t* crow, const int32_t* col
 }
 
 // The values as the kernels read them: the accumulation dtype (plain, kblocked) or packed bf16 pairs
-// (pairs). Prepared on every call, never cached: values change at every optimizer step, through paths
-// that no cache key can see (fused optimizers, p.data writes). O(nnz), a few microseconds.
+// (pairs). O(nnz); kept in values_cache while the values hold the same bytes (compared on every call,
+// so an optimizer step of any kind, or a write through .data, prepares them again).
 Tensor prepare_values(const Tensor& values, const std::optional<Tensor>& perm, const Structure* S, Layout layout,
                       DType dt) {
   const auto acc = dt == DType::f64 ? at::kDouble : at::kFloat;
@@ -393,7 +397,7 @@ struct Operand {
 // with perm (the transpose structure) the blocks are values[perm[k]].T. `in_features` is the size of
 // the dimension the product contracts over (the columns of the operand as applied). The O(nnz)
 // checks of the indices and the regrouping run once per index tensors (cached), the preparation of
-// the values on every call (see prepare_values).
+// the values once per contents of `values` (see prepare_values).
 Operand make_operand(const char* op, const std::string& prefix, const Tensor& values, const Tensor& crow,
                      const Tensor& col, const std::optional<Tensor>& perm, int64_t in_features,
                      const char* in_what, DType dt, Layout layout = Layout::plain, int64_t chunk = 0) {
@@ -447,7 +451,8 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   if (as_given) {
     o.values = values;  // the kernels read the values tensor itself
   } else {
-    o.values = prepare_values(values, perm, S, layout, dt);
+    o.values = *values_cache().get({values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt},
+                                   [&]() { return std::make_shared<const Tensor>(prepare_values(values, perm, S, layout, dt)); });
   }
   o.op.crow = crow.data_ptr<int32_t>();
   o.op.col = col.data_ptr<int32_t>();

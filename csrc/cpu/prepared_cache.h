@@ -1,18 +1,20 @@
-// A small LRU cache of what the CPU ops derive from the index tensors of a sparse weight: the
-// validated structure and its regrouped layouts (K-blocked CSR, bf16 pairs, BSR entry rows, the
-// transpose-consistency check). Included by ops_cpu.cpp only (it needs torch; the kernel files must not).
+// A small LRU cache of what the CPU ops derive from the tensors of a sparse weight: the validated
+// structure, its regrouped layouts (K-blocked CSR, bf16 pairs, BSR entry rows), the
+// transpose-consistency check, and the values prepared for the kernels (converted, regrouped or packed).
+// Included by ops_cpu.cpp only (it needs torch; the kernel files must not).
 //
 // Why: validating and regrouping a structure is O(nnz) with scattered accesses (range scans, a
-// counting sort, a permutation check): 30-70 us for an adapter projection at sparsity 0.8-0.9, which is
-// several times the whole product for a few tokens. The structure of a pruned adapter never changes.
+// counting sort, a permutation check): 30-70 us for an adapter projection at sparsity 0.8-0.9, several
+// times the whole product for a few tokens. The structure of a pruned adapter never changes, and in
+// inference neither do its values.
 //
-// When an entry is served: only while the tensors it was built from hold, byte for byte, the contents
-// they held when it was built. Every lookup compares the tensors with a snapshot kept in the entry
-// (memcmp of the index arrays: a few microseconds for an adapter projection). Nothing trusts a version
-// counter or a data pointer: writes through `.data`, `param.data = ...`, fused optimizers, numpy views
-// or raw pointers all bypass PyTorch's version counter, and a freed tensor's address can be reused.
-// Values (which change at every optimizer step) are never cached: ops_cpu.cpp prepares them per call.
-// SAK_CPU_CACHE=0 turns the cache off.
+// When an entry is served: only while the tensors it was built from hold, byte for byte, what they
+// held when it was built. Every lookup compares them with a snapshot kept in the entry (memcmp: a few
+// microseconds for an adapter projection). Nothing trusts a version counter or a data pointer: fused
+// optimizers, writes through `.data`, `param.data = ...`, numpy views and raw pointers all bypass
+// PyTorch's version counter, and a freed tensor's address can be reused. After an optimizer step the
+// values differ, so the next call prepares them again, whatever wrote them. SAK_CPU_CACHE=0 turns the
+// cache off.
 #pragma once
 
 #include <ATen/ATen.h>
