@@ -5,7 +5,7 @@ torch.sparse; writes ``benchmarks/results/cpu_<date>.json`` with provenance and 
     python benchmarks/cpu_bench.py --suite projection,adapter --reps 40
     python benchmarks/cpu_bench.py --quick          # a smoke run (few shapes, few repetitions)
 
-Method (DESIGN.md "how we measure"): every candidate of a case runs in the same loop, round-robin
+Method (docs/method.md, "How we measure"): every candidate of a case runs in the same loop, round-robin
 (dense, kernel, ... , kernel, dense, ...: the order reverses every other round), after warm-up, so a
 slow phase of a shared machine hits all of them alike; every call takes the next of ``--rotate``
 input buffers (fresh activations, never the zeros of a pruned weight; 5 x 12.6 MB by default, more
@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 import sparseadapter_kernels as sak  # noqa: E402
 from sparseadapter_kernels import reference as ref  # noqa: E402
 
-N, D, R = 4096, 768, 64  # DESIGN.md default shape (BERT-base adapter)
+N, D, R = 4096, 768, 64  # the default shape (docs/method.md): a BERT-base adapter
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
 
 

@@ -22,7 +22,7 @@ Suites (all in one run, so ratios share a machine state):
 * ``bert``: the paper's adapter (N=4096, d=768, r=64), sparsity 0/0.5/0.8/0.9/0.95, forward and
   forward+backward, ours vs unfused dense vs reference.
 
-Method (DESIGN.md): each candidate is checked against an fp32 dense result first (a wrong result is
+Method (docs/method.md): each candidate is checked against an fp32 dense result first (a wrong result is
 never timed); then candidates run round-robin (warm-up, then --reps calls each, CUDA events around every
 call), inputs rotating over >= 256 MB of buffers so L2 does not flatter; medians; ratios of medians.
 """

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the CPU kernels at DESIGN.md's default shape (N=4096, d=768, r=64) and the
+"""pytest-benchmark suite of the CPU kernels at the default shape (docs/method.md) (N=4096, d=768, r=64) and the
 Large-Sparse shape, each against its dense baseline in the same group:
 
     .venv/bin/python -m pytest benchmarks/test_cpu_kernels_bench.py --benchmark-group-by=group \

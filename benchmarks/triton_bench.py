@@ -22,7 +22,7 @@ Suites (all in one run, so the ratios share a machine state):
 * ``bert``: the paper's adapter shape (N=4096, d=768, r=64) at sparsity 0/0.5/0.8/0.9/0.95, forward and
   forward+backward, sparse fused vs dense fused vs unfused dense vs reference.
 
-Method (DESIGN.md): every candidate of a case is checked against an fp32 dense result first, then all
+Method (docs/method.md): every candidate of a case is checked against an fp32 dense result first, then all
 candidates run round-robin (warm-up, then ``--reps`` repetitions, CUDA events around each call), inputs
 rotating over enough buffers to exceed twice the L2 cache, median per candidate; ratios are of medians.
 """

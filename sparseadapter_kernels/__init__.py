@@ -1,6 +1,6 @@
 """sparseadapter_kernels: pruned adapters with real sparse kernels (SparseAdapter, He et al. 2022).
 
-Public API (see DESIGN.md): :class:`SparseWeight`, :mod:`ops` (``sparse_linear``, ``sparse_adapter``),
+Public API (see README.md and docs/): :class:`SparseWeight`, :mod:`ops` (``sparse_linear``, ``sparse_adapter``),
 :func:`available_backends`, :func:`prune_at_init`, :func:`large_sparse`, the modules
 (:class:`SparseLinear`, :class:`HoulsbyAdapter`, :class:`PfeifferAdapter`, :class:`ParallelAdapter`,
 :class:`MAMAdapter`, :class:`LoRA`, :class:`AdapterFusion`).

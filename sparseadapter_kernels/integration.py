@@ -16,7 +16,7 @@ Supported architectures (module names found per ``config.model_type``, overridab
 ``target_modules``): BERT-style encoders (bert, roberta, xlm-roberta, electra, camembert, ...),
 T5 / mT5 / BART / mBART (encoder-decoder) and LLaMA-style decoders (llama, mistral, qwen2, ...).
 
-Where the adapters go (x = sublayer input, a = sublayer output, see REFERENCES.md section 2):
+Where the adapters go (x = sublayer input, a = sublayer output, see docs/method.md):
 
 ==========  =========================================================================================
 houlsby     after the attention output projection and the FFN output projection: ``a + A(a)``
@@ -66,7 +66,7 @@ DATA_METHODS = ("snip", "grasp", "synflow")  # synflow needs one batch for the i
 SCOPES = ("global", "layer")
 PREFIX_MODULE_NAME = "sparse_adapter_prefix"
 
-# REFERENCES.md section 2: (bottleneck divisor of d, activation, scaling, init)
+# docs/method.md, adapter variants: (bottleneck divisor of d, activation, scaling, init)
 _BOTTLENECK_DEFAULTS = {
     "houlsby": (16, "silu", 1.0, "bert"),
     "pfeiffer": (16, "relu", 1.0, "bert"),
@@ -116,7 +116,7 @@ def _is_int(v) -> bool:
 
 @dataclasses.dataclass
 class SparseAdapterConfig:
-    """What to insert and how to prune it (defaults per preset from REFERENCES.md section 2).
+    """What to insert and how to prune it (defaults per preset: docs/method.md).
 
     ``preset``: ``"houlsby"`` | ``"pfeiffer"`` | ``"parallel"`` | ``"mam"`` | ``"lora"`` (AdapterHub names
     ``double_seq_bn`` / ``seq_bn`` / ``par_bn`` accepted). ``sparsity`` is the fraction *removed*

@@ -1,4 +1,4 @@
-"""Sparse modules: ``SparseLinear`` and the adapters of REFERENCES.md section 2, all on the sparse ops.
+"""Sparse modules: ``SparseLinear`` and the adapters of docs/method.md, all on the sparse ops.
 
 Every module stores its pruned weights as a :class:`SparseWeight`: the kept values are an
 ``nn.Parameter`` (what the optimizer trains) and the int32 structure tensors are buffers (so
@@ -7,7 +7,7 @@ Every module stores its pruned weights as a :class:`SparseWeight`: the kept valu
 the masks and converts the modules in place. Build the optimizer *after* pruning: pruning replaces
 the ``values`` parameter.
 
-Adapter math (x = sublayer input, a = sublayer output; see REFERENCES.md):
+Adapter math (x = sublayer input, a = sublayer output; see docs/method.md):
 ``A(z) = scaling * (W_up f(W_down z + b_down) + b_up)``; ``forward(z, residual)`` returns
 ``residual + A(z)`` (``residual`` defaults to ``z`` for the sequential adapters).
 """

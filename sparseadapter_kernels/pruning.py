@@ -1,6 +1,6 @@
 """Pruning at initialization (SparseAdapter): score every ``SparseLinear``, keep an exact count, convert.
 
-Scores (higher = keep; REFERENCES.md section 1):
+Scores (higher = keep; docs/method.md):
 
 =========  ==================================================================================
 rand       i.i.d. Gaussian noise (an exact-count uniform random mask)
@@ -10,7 +10,7 @@ grasp      ``(H g) * w`` (signed), ``H g`` by double backward, ``g`` summed over
 synflow    ``|dR/dw * w|``, ``R`` the sum of the outputs on an all-ones input with ``|theta|`` weights
 =========  ==================================================================================
 
-Deliberate differences from the official code (its faults are listed in REFERENCES.md):
+Deliberate differences from the official code (its faults are listed in docs/method.md):
 
 * an exact number of weights is kept; ties are broken by a seeded random order, not all pruned;
 * no tensor is ever pruned to nothing (its best unit is kept, the globally worst kept unit goes);

@@ -21,7 +21,7 @@ go to --out."""
 
 EPILOG = """\
 examples:
-  sparseadapter-bench                               # the default sweep (DESIGN.md shapes)
+  sparseadapter-bench                               # the default sweep (docs/method.md shapes)
   sparseadapter-bench --quick                       # a reduced sweep, about a minute
   sparseadapter-bench --shapes large --suites main --ops adapter --modes fwd
   sparseadapter-bench --tokens 512 --d 1024 --r 128 --sparsities 0.9,0.95 --layouts bsr --block-size 16x16

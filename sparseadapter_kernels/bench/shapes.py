@@ -1,4 +1,4 @@
-"""Benchmark problems: the default sweep of DESIGN.md, shared by the CLI and ``benchmarks/``.
+"""Benchmark problems: the default sweep (docs/method.md), shared by the CLI and ``benchmarks/``.
 
 A :class:`Problem` is one row group of the results: an op (``down`` / ``up`` projection or the whole
 ``adapter`` layer), a mode (``fwd`` or ``fwdbwd``), a shape, a sparsity, a layout and a dtype. Every
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-# DESIGN.md default shapes (BERT-base adapter, the paper's setting): N = 32 x 128 tokens.
+# Default shapes (docs/method.md) (BERT-base adapter, the paper's setting): N = 32 x 128 tokens.
 DEFAULT_TOKENS = 4096
 DEFAULT_D = 768
 DEFAULT_R = 64
