@@ -48,4 +48,7 @@ TORCH_LIBRARY(sparseadapter_kernels, m) {
         "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
         "Tensor up_t_crow_indices, Tensor up_t_row_indices, Tensor up_t_perm, "
         "str activation, float scale, bool add_grad_out=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The instruction set the CPU kernels run for `dtype` on this machine, after SAK_CPU_ISA:
+  // "avx512bf16", "avx512", "avx2" or "generic" (what info, benchmark provenance and the tuner record).
+  m.def("cpu_isa(ScalarType dtype) -> str");
 }

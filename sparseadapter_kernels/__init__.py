@@ -7,13 +7,12 @@ Public API (see README.md and docs/): :class:`SparseWeight`, :mod:`ops` (``spars
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from . import ops, reference  # noqa: E402
 from .formats import SparseWeight  # noqa: E402
 from .modules import (AdapterFusion, BottleneckAdapter, HoulsbyAdapter, LoRA, MAMAdapter,  # noqa: E402
                       ParallelAdapter, PfeifferAdapter, PrefixTuning, SparseLinear)
-from .ops import available_backends, backend_status  # noqa: E402
+from .backends import available_backends, backend_status  # noqa: E402
 from .pruning import LargeSparse, apply_masks, large_sparse, prune_at_init  # noqa: E402
 
 __all__ = ["SparseWeight", "ops", "reference", "available_backends", "backend_status", "__version__",

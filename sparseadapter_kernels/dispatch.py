@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .backends import backend_usable
+
 # Filled from measurements only (see the benchmark results files named beside each entry).
 # CROSSOVER[(device_type, dtype, layout, op, backend)] = {n_min: density}: with at least n_min tokens,
 # the kernel runs up to that weight density (the entry with the largest n_min <= N applies).
@@ -49,8 +51,6 @@ def crossover_density(device_type: str, dtype: torch.dtype, layout: str, op: str
 def choose_backend(x: torch.Tensor, w, op: str) -> str:
     """The backend ``auto`` runs for ``op`` ("linear" or "adapter") on these inputs: a kernel backend
     or ``"dense"`` (dense math, :func:`reference.sparse_linear` with the cached dense weight)."""
-    from .ops import backend_usable
-
     n_tokens = x.numel() // max(1, x.shape[-1])
     for backend in _PREFERENCE.get(x.device.type, ()):
         if not backend_usable(backend):

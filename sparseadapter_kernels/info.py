@@ -10,6 +10,8 @@ def info_lines() -> list:
 
     import sparseadapter_kernels as sak
     from sparseadapter_kernels._extension import EXTENSION
+    from sparseadapter_kernels.backends import cpu_isa
+    from sparseadapter_kernels.machine import cpu_label
 
     try:
         import triton
@@ -23,6 +25,7 @@ def info_lines() -> list:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {triton_version}",
         f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible'}",
         f"compiled extension: {EXTENSION.source if EXTENSION.loaded else 'not loaded (' + str(EXTENSION.error) + ')'}",
+        f"CPU: {cpu_label()}; kernel ISA fp32 {cpu_isa(torch.float32)}, bf16 {cpu_isa(torch.bfloat16)}",
         "backends:",
     ]
     for name, (ok, reason) in sak.backend_status().items():

@@ -48,7 +48,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import ops
+from ._version import __version__
+from .backends import check_backend
 from .formats import STRUCTURE_FIELDS, SparseWeight, check_block_size, check_layout
 from .modules import (BottleneckAdapter, HoulsbyAdapter, LoRA, ParallelAdapter, PfeifferAdapter, PrefixTuning,
                       SparseLinear, check_sparsity)
@@ -225,8 +226,7 @@ class SparseAdapterConfig:
                 raise ValueError(f"activation: expected one of {ACTIVATIONS + ('swish',)}, got {self.activation!r}")
         if self.init is not None and self.init not in ("bert", "lora"):
             raise ValueError(f"init: expected 'bert' or 'lora', got {self.init!r}")
-        if self.backend not in ops.BACKENDS:
-            raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {self.backend!r}")
+        check_backend(self.backend)
         if not _is_int(self.seed):
             raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
@@ -784,8 +784,7 @@ def print_trainable_parameters(model: nn.Module) -> Dict[str, Any]:
 
 def set_adapter_backend(model: nn.Module, backend: str) -> None:
     """Run every sparse adapter op of ``model`` on ``backend`` ("auto", "reference", "cpu", "triton", "cuda")."""
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
+    check_backend(backend)
     for m in model.modules():
         if isinstance(m, (SparseLinear, BottleneckAdapter, LoRA)):
             m.backend = backend
@@ -955,8 +954,6 @@ def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
     blob = _safetensors_bytes(tensors, metadata)
     digest = hashlib.sha256(blob).hexdigest()
     stats["file_bytes"] = len(blob)
-    from . import __version__
-
     doc = dict(peft_type="SPARSE_ADAPTER", **config.to_dict(),
                resolved=config.resolved(_hidden_size(model) or 1),
                base_model=_base_model_info(model), adapter_modules=sorted(adapter_sites(model)),

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .backends import check_backend
 from .formats import STRUCTURE_FIELDS, SparseWeight, check_block_size, check_layout
 
 
@@ -66,8 +67,7 @@ class SparseLinear(nn.Module):
         layout, bs = check_layout(layout, block_size)
         if layout == "bsr" and (out_features % bs[0] or in_features % bs[1]):
             raise ValueError(f"block_size: {bs} does not divide the weight shape {(out_features, in_features)}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default

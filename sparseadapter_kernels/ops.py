@@ -8,19 +8,23 @@ Backends of :func:`sparse_linear` / :func:`sparse_adapter`:
   ``TRITON_INTERPRET=1``);
 * ``"auto"`` — the fastest correct one for the device, dtype and shape (dense math where sparse
   would be slower, by the measured crossover in :mod:`sparseadapter_kernels.dispatch`).
+
+Discovery (what runs here) is :mod:`sparseadapter_kernels.backends`; imports run backends -> dispatch -> ops.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
 from . import reference
 from ._extension import EXTENSION
+from .backends import (BACKENDS, available_backends, backend_status, backend_usable,  # noqa: F401 (re-exported)
+                       check_backend)
+from .dispatch import choose_backend
 from .formats import SparseWeight
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _lib = torch.ops.sparseadapter_kernels
 _OVERRIDE: List[str] = []
 
@@ -30,67 +34,18 @@ def backend_override(backend: str):
     """Run every op inside the block on ``backend``, whatever the callers ask for.
 
     Pruning uses it: GraSP's double backward and SNIP's scoring run on the reference path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _OVERRIDE.append(backend)
+    _OVERRIDE.append(check_backend(backend))
     try:
         yield
     finally:
         _OVERRIDE.pop()
 
 
-# ---------------------------------------------------------------------------------------------
-# Backend discovery
-# ---------------------------------------------------------------------------------------------
-_STATUS_CACHE: Dict[str, Tuple[bool, str]] = {}
-
-
-def backend_status() -> Dict[str, Tuple[bool, str]]:
-    """``{backend: (usable, reason)}`` for this install and machine (computed once per process)."""
-    if not _STATUS_CACHE:
-        _STATUS_CACHE.update(_compute_backend_status())
-    return dict(_STATUS_CACHE)
-
-
-@torch._dynamo.assume_constant_result
-def backend_usable(backend: str) -> bool:
-    """Whether ``backend`` runs here; a constant for torch.compile (no graph break)."""
-    return backend_status()[backend][0]
-
-
-def _compute_backend_status() -> Dict[str, Tuple[bool, str]]:
-    from . import triton as triton_backend
-
-    status = {"reference": (True, "plain PyTorch, every device and float dtype")}
-    if not EXTENSION.loaded:
-        status["cpu"] = (False, f"compiled extension not loaded: {EXTENSION.error}")
-        status["cuda"] = (False, f"compiled extension not loaded: {EXTENSION.error}")
-    else:
-        status["cpu"] = (EXTENSION.has_cpu, f"C++ kernels from {EXTENSION.source}" if EXTENSION.has_cpu
-                         else "extension built without CPU kernels")
-        if not EXTENSION.has_cuda:
-            status["cuda"] = (False, "extension built without CUDA kernels (no CUDA toolkit or CPU-only torch at build time)")
-        elif not torch.cuda.is_available():
-            status["cuda"] = (False, "CUDA kernels built, but no CUDA device is visible")
-        else:
-            status["cuda"] = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
-    status["triton"] = triton_backend.status()
-    return status
-
-
-def available_backends() -> List[str]:
-    """Backends this install and machine can run (``"auto"`` is always accepted as well)."""
-    return [name for name, (ok, _) in backend_status().items() if ok]
-
-
 def _resolve_backend(backend: str, x: torch.Tensor, w: SparseWeight, op: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if _OVERRIDE:
         backend = _OVERRIDE[-1]
     if backend == "auto":
-        from .dispatch import choose_backend
-
         return choose_backend(x, w, op)
     if backend == "reference":
         return backend

@@ -833,8 +833,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   return {gx, gdv, gdb, guv, gub};
 }
 
+std::string cpu_isa(at::ScalarType dtype) {
+  const char* op = "cpu_isa";
+  switch (dtype) {
+    case at::kFloat: return kernels_for(DType::f32)->name;
+    case at::kBFloat16: return kernels_for(DType::bf16)->name;
+    case at::kDouble: return kernels_for(DType::f64)->name;
+    default:
+      TORCH_CHECK(false, "sparseadapter_kernels::", op, ": dtype: expected float32, bfloat16 or float64, got ", dtype);
+  }
+}
+
 }  // namespace
 }  // namespace sak_cpu
+
+// No tensor argument: the kernel is registered for every dispatch key (CompositeImplicitAutograd).
+TORCH_LIBRARY_IMPL(sparseadapter_kernels, CompositeImplicitAutograd, m) { m.impl("cpu_isa", &sak_cpu::cpu_isa); }
 
 TORCH_LIBRARY_IMPL(sparseadapter_kernels, CPU, m) {
   m.impl("csr_spmm", &sak_cpu::csr_spmm);

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import ops
-from ..ops import backend_status
+from ..backends import KERNEL_BACKENDS, backend_status
 from .workload import Workload, activation, dense_forward
 
 # torch.sparse's beta notices would be repeated for every row.
@@ -29,7 +29,6 @@ for _pattern in ("Sparse CSR tensor support is in beta", "Sparse BSR tensor supp
     warnings.filterwarnings("ignore", message=_pattern + ".*")
 
 BASELINES = ("torch-dense", "torch-dense-best", "reference", "torch.sparse")
-KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 # Dense dtypes tried for "torch-dense-best" per device (fp16 is slow on CPUs: only on GPUs).
 BEST_DENSE_CANDIDATES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "bfloat16", "float16")}
 

@@ -12,31 +12,7 @@ from typing import List, Optional
 
 import torch
 
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                     "amx_bf16", "amx_tile")
-
-
-def cpu_info() -> dict:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("unknown", "", platform.processor()):
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    have = set(value.split())
-                    flags = [fl for fl in INTERESTING_FLAGS if fl in have]
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpu_usable": usable, "cpu_flags": flags,
-            "torch_threads": torch.get_num_threads()}
-
+from ..machine import cpu_info
 
 def _version(dist: str) -> Optional[str]:
     try:
@@ -59,8 +35,8 @@ def git_info() -> dict:
 
 def collect(argv: Optional[List[str]] = None, device: str = "cpu") -> dict:
     """Provenance of a run; ``argv`` are the arguments given to ``sparseadapter-bench``."""
-    from .. import __version__
-    from ..ops import backend_status
+    from .._version import __version__
+    from ..backends import backend_status
 
     gpu = None
     if torch.cuda.is_available():
