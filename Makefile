@@ -70,7 +70,7 @@ $(CHECK_CUDA)/ops_cuda.o: csrc/cuda/ops_cuda.cu $(CUDA_HEADERS) $(VENV)/.deps
 check-cuda: $(CHECK_CUDA)/instantiate.o $(CHECK_CUDA)/ops_cuda.o
 	@echo "check-cuda: every .cu compiles for sm_80 and sm_90 with $$($(NVCC) --version | tail -1)"
 
-$(CHECK_CUDA)/emu_test: csrc/cuda/check/emu_test.cpp csrc/cuda/check/emulator.h $(CUDA_HEADERS)
+$(CHECK_CUDA)/emu_test: csrc/cuda/check/emu_test.cpp csrc/cuda/kernels/emulator.h $(CUDA_HEADERS)
 	@mkdir -p $(CHECK_CUDA)
 	$(CXX) -std=c++20 -O1 -g -fsanitize=address,undefined -fno-strict-aliasing -DSAK_EMULATE \
 	  -I$(CUDA_HOME)/include -Icsrc/cuda $< -o $@ -lpthread

@@ -6,7 +6,6 @@ the kernels), torch.library.opcheck, torch.compile(fullgraph=True), and the erro
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -153,17 +152,14 @@ def test_strided_rows_and_threads():
         torch.set_num_threads(threads)
 
 
-def test_default_shape_all_paths_agree():
+def test_default_shape_all_paths_agree(monkeypatch):
     """The benchmark shape (N=4096, d=768, r=64) through every ISA gives the reference result."""
     w = make_weight((64, 768), 0.9, torch.float32, "csr", None)
     x = rand(4096, 768)
     expected = ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices)
     for name in ISAS:
-        os.environ["SAK_CPU_ISA"] = name
-        try:
-            y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
-        finally:
-            del os.environ["SAK_CPU_ISA"]
+        monkeypatch.setenv("SAK_CPU_ISA", name)
+        y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
         check(y, expected, torch.float32, 768, name)
 
 
@@ -348,18 +344,15 @@ def test_fused_adapter_optional_args_and_token_counts(isa, n):
         assert grads[0].shape == (0, 70) and all(bool((g == 0).all()) for g in grads[1:])
 
 
-def test_activation_extremes():
+def test_activation_extremes(monkeypatch):
     """Large |h| must not overflow the vector exp/erf (silu, gelu and their gradients)."""
     down, up = _adapter_weights(16, 16, 16, 0.0, torch.float32, "csr", None)
     x = torch.tensor([[-200.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 200.0] + [0.0] * 7]).repeat(3, 1)
     for act in ("gelu", "silu"):
         for name in ISAS:
-            os.environ["SAK_CPU_ISA"] = name
-            try:
-                out, hidden = lib.fused_adapter(*_fused_args(x, None, down, up, None, None, act, 1.0))
-                grads = lib.fused_adapter_backward(*_fused_bwd_args(torch.ones(3, 16), x, hidden, down, up, act, 1.0))
-            finally:
-                del os.environ["SAK_CPU_ISA"]
+            monkeypatch.setenv("SAK_CPU_ISA", name)
+            out, hidden = lib.fused_adapter(*_fused_args(x, None, down, up, None, None, act, 1.0))
+            grads = lib.fused_adapter_backward(*_fused_bwd_args(torch.ones(3, 16), x, hidden, down, up, act, 1.0))
             e_out, _ = ref.fused_adapter(*_fused_args(x.double(), None, _as64(down), _as64(up), None, None, act, 1.0))
             assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
             torch.testing.assert_close(out.double(), e_out, rtol=1e-4, atol=1e-3)
@@ -756,17 +749,14 @@ def test_cache_revalidates_modified_indices():
         lib.fused_adapter_backward(*args)
 
 
-def test_cache_never_serves_a_freed_tensor():
+def test_cache_never_serves_a_freed_tensor(monkeypatch):
     """New tensors (possibly at a freed tensor's address) are never served another weight's layout."""
     x = rand(9, 400)
     for seed in range(6):
         w = make_weight((16, 400), 0.3 + 0.1 * seed, torch.float32, "csr", None, seed=seed)
         for kb in ("0", "1"):
-            os.environ["SAK_CPU_KBLOCK"] = kb
-            try:
-                y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
-            finally:
-                del os.environ["SAK_CPU_KBLOCK"]
+            monkeypatch.setenv("SAK_CPU_KBLOCK", kb)
+            y = lib.csr_spmm(x, w.values, w.crow_indices, w.col_indices, None)
             check(y, ref.spmm(x.double(), w.values.double(), w.crow_indices, w.col_indices), torch.float32, 400,
                   f"weight {seed} kblock {kb}")
         del w
@@ -818,6 +808,19 @@ def test_bad_cache_env(monkeypatch):
     monkeypatch.setenv("SAK_CPU_CACHE", "off")
     with pytest.raises(RuntimeError, match="SAK_CPU_CACHE: expected 0 or 1, got 'off'"):
         lib.csr_spmm(rand(5, 24), w.values, w.crow_indices, w.col_indices, None)
+
+
+@pytest.mark.parametrize("knob,value,expected", [("SAK_CPU_STREAM", "yes", "auto, 0 or 1"),
+                                                  ("SAK_CPU_PREFETCH", "on", "0 or 1"),
+                                                  ("SAK_CPU_TILE", "48", "16, 32 or 64")])
+def test_bad_knob_values(knob, value, expected, monkeypatch):
+    """Every knob is validated where it is read (csrc/cpu/knobs.h), by every op."""
+    w = make_weight((12, 24), 0.5, torch.float32, "csr", None)
+    monkeypatch.setenv(knob, value)
+    with pytest.raises(RuntimeError, match=f"{knob}: expected {expected}, got '{value}'"):
+        lib.csr_spmm(rand(5, 24), w.values, w.crow_indices, w.col_indices, None)
+    with pytest.raises(RuntimeError, match=f"{knob}: expected"):
+        lib.csr_sddmm(rand(5, 12), rand(5, 24), w.crow_indices, w.col_indices)
 
 
 def test_bad_kblock_env(monkeypatch):

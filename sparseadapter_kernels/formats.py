@@ -225,8 +225,7 @@ class SparseWeight:
         ``crow_indices`` runs from 0 to nnz without decreasing, columns lie in range, no (row, column)
         appears twice, ``row_indices`` agrees with ``crow_indices`` and the transpose metadata
         describes the same entries."""
-        bh, bw = self.block_size
-        n_br, n_bc = self.shape[0] // bh, self.shape[1] // bw
+        n_bc = self.shape[1] // self.block_size[1]
         nb = self.values.shape[0]
         for name in STRUCTURE_FIELDS:
             t = getattr(self, name)

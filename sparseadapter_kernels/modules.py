@@ -18,11 +18,11 @@ from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 from .backends import check_backend
 from .formats import STRUCTURE_FIELDS, SparseWeight, check_block_size, check_layout
+from .reference import canonical_activation
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
@@ -224,12 +224,7 @@ class BottleneckAdapter(nn.Module):
         r = bottleneck if bottleneck is not None else max(1, d_model // self.default_bottleneck_divisor)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"bottleneck: expected a positive int, got {bottleneck!r}")
-        activation = activation or self.default_activation
-        activation = {"swish": "silu"}.get(activation, activation)
-        from .reference import ACTIVATIONS
-
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {ACTIVATIONS + ('swish',)}, got {activation!r}")
+        activation = canonical_activation(activation or self.default_activation)
         init = init or self.default_init
         if init not in ("bert", "lora"):
             raise ValueError(f"init: expected 'bert' or 'lora', got {init!r}")

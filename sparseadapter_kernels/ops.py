@@ -153,9 +153,7 @@ def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_b
                          f"{down.device}), got ({up.layout}, {up.dtype}, {up.device})")
     _check_bias("down_bias", down_bias, down.out_features, x)
     _check_bias("up_bias", up_bias, up.out_features, x)
-    activation = {"swish": "silu"}.get(activation, activation)
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {reference.ACTIVATIONS + ('swish',)}, got {activation!r}")
+    activation = reference.canonical_activation(activation)
     lead = x.shape[:-1]
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (*lead, up.out_features):

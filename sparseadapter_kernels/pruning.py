@@ -40,7 +40,16 @@ from .modules import SparseLinear, check_sparsity
 METHODS = ("rand", "magnitude", "snip", "grasp", "synflow")
 ALIASES = {"random": "rand", "mag": "magnitude"}
 SCOPES = ("global", "layer")
-DATA_METHODS = ("snip", "grasp")
+LOSS_METHODS = ("snip", "grasp")  # scored with the loss gradient: they need labelled batches
+INPUT_METHODS = LOSS_METHODS + ("synflow",)  # need a batch (SynFlow: the input shape of a whole model)
+
+
+def canonical_method(method) -> str:
+    """The pruning method's canonical name (aliases resolved); a ValueError names the choices."""
+    method = ALIASES.get(method, method) if isinstance(method, str) else method
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,15 +345,13 @@ def compute_scores(model: nn.Module, method: str = "snip", data: Optional[Iterab
 
     Higher is better. The model is left exactly as it was (weights, grads, flags, train mode).
     """
-    method = ALIASES.get(method, method)
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    method = canonical_method(method)
     targets = _targets(model, modules)
     batches = []
     if data is not None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         batches = [_to_device(b, device) for b in data]
-    if method in DATA_METHODS and not batches:
+    if method in LOSS_METHODS and not batches:
         raise ValueError(f"data: method={method!r} needs pruning batches (e.g. 10 batches of 32 examples), got none")
     if method == "rand":
         scores = _scores_rand(targets, seed)
@@ -415,8 +422,3 @@ def apply_masks(model: nn.Module, masks: Dict[str, torch.Tensor], layout: str = 
         if not isinstance(m, SparseLinear):
             raise KeyError(f"masks: {key!r} names no SparseLinear in the model")
         m.apply_mask(mask, layout=layout, block_size=block_size)
-
-
-def mask_stats(masks: Dict[str, torch.Tensor]) -> Tuple[int, int]:
-    """``(kept, total)`` over all masks."""
-    return sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())

@@ -12,6 +12,15 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("relu", "gelu", "silu", "identity")
+ACTIVATION_ALIASES = {"swish": "silu"}  # AdapterHub's and the paper's name for silu
+
+
+def canonical_activation(name) -> str:
+    """The activation's canonical name (aliases resolved); a ValueError names the choices."""
+    name = ACTIVATION_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS + tuple(ACTIVATION_ALIASES)}, got {name!r}")
+    return name
 
 
 def activation(h: torch.Tensor, name: str) -> torch.Tensor:

@@ -3,9 +3,8 @@
 // kernels themselves are in isa_*.cpp (built from kernel_body.h).
 //
 // ISA: AVX-512 (F/BW/VL/DQ) when the CPU has it, else AVX2+FMA, else the portable kernels; float64
-// always runs the portable kernels. SAK_CPU_ISA=auto|avx512bf16|avx512|avx2|generic overrides (read per
-// call, so tests can compare paths); SAK_CPU_TILE=16|32|64 overrides the token tile, SAK_CPU_STREAM and
-// SAK_CPU_KBLOCK=auto|0|1 the non-temporal stores and the K-blocking (tests, benchmarks).
+// always runs the portable kernels. The SAK_CPU_* environment knobs (ISA, tile, streaming stores,
+// K-blocking, prefetch, cache) are read in one place, knobs.h, once per op call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +18,7 @@
 #include <tuple>
 
 #include "cpu_kernels.h"
+#include "knobs.h"
 #include "prepared_cache.h"
 
 namespace sak_cpu {
@@ -63,27 +63,20 @@ const KernelTable* detect_best() {
   return generic_table();
 }
 
-const KernelTable* kernels_for(DType dt) {
-  if (dt == DType::f64) return generic_table();
-  const char* env = std::getenv("SAK_CPU_ISA");
-  if (env && *env && std::strcmp(env, "auto") != 0) {
-    const std::string s(env);
-    if (s == "generic") return generic_table();
-    if (s == "avx2") {
-      TORCH_CHECK(avx2_table() && cpu_has_avx2(), "SAK_CPU_ISA=avx2: this CPU or build has no AVX2/FMA kernels");
-      return avx2_table();
-    }
-    if (s == "avx512bf16") {
-      TORCH_CHECK(avx512bf16_table() && cpu_has_avx512bf16(),
-                  "SAK_CPU_ISA=avx512bf16: this CPU or build has no AVX-512 BF16 kernels");
-      return avx512bf16_table();
-    }
-    if (s == "avx512") {
-      TORCH_CHECK(avx512_table() && cpu_has_avx512(),
-                  "SAK_CPU_ISA=avx512: this CPU or build has no AVX-512 (F/BW/VL/DQ) kernels");
-      return avx512_table();
-    }
-    TORCH_CHECK(false, "SAK_CPU_ISA: expected one of auto, avx512bf16, avx512, avx2, generic, got '", s, "'");
+const KernelTable* kernels_for(DType dt, const Knobs& k) {
+  if (dt == DType::f64 || k.isa == "generic") return generic_table();
+  if (k.isa == "avx2") {
+    TORCH_CHECK(avx2_table() && cpu_has_avx2(), "SAK_CPU_ISA=avx2: this CPU or build has no AVX2/FMA kernels");
+    return avx2_table();
+  }
+  if (k.isa == "avx512bf16") {
+    TORCH_CHECK(avx512bf16_table() && cpu_has_avx512bf16(),
+                "SAK_CPU_ISA=avx512bf16: this CPU or build has no AVX-512 BF16 kernels");
+    return avx512bf16_table();
+  }
+  if (k.isa == "avx512") {
+    TORCH_CHECK(avx512_table() && cpu_has_avx512(), "SAK_CPU_ISA=avx512: this CPU or build has no AVX-512 (F/BW/VL/DQ) kernels");
+    return avx512_table();
   }
   static const KernelTable* best = detect_best();
   return best;
@@ -102,21 +95,13 @@ int tile_for(int64_t indexed_features) { return indexed_features <= 256 ? 64 : 3
 // fp32 [512, 768] (1.5 MiB) even; below 1 MiB streaming loses (bf16 [256, 768]: 0.75x).
 constexpr int64_t STREAM_MIN_BYTES = (int64_t)1 << 20;
 
-Config make_config(int64_t work, int default_tile, int64_t N, int64_t out_bytes) {
+Config make_config(int64_t work, int default_tile, int64_t N, int64_t out_bytes, const Knobs& k) {
   Config c;
   // a few tokens: the smallest tile that holds them (padded tokens cost as much as real ones)
-  c.tile = N <= 16 ? 16 : (N <= 32 && default_tile > 32 ? 32 : default_tile);
-  const char* pf = std::getenv("SAK_CPU_PREFETCH");
-  c.prefetch = !(pf && std::strcmp(pf, "0") == 0);
-  const char* nt = std::getenv("SAK_CPU_STREAM");
-  c.stream = (nt && *nt && std::strcmp(nt, "auto") != 0) ? std::strcmp(nt, "1") == 0 : out_bytes > STREAM_MIN_BYTES;
+  c.tile = k.tile ? k.tile : (N <= 16 ? 16 : (N <= 32 && default_tile > 32 ? 32 : default_tile));
+  c.prefetch = k.prefetch;
+  c.stream = k.stream == Knobs::kAuto ? out_bytes > STREAM_MIN_BYTES : k.stream == Knobs::kOn;
   c.threads = (at::in_parallel_region() || work < (int64_t)1 << 16) ? 1 : (int)at::get_num_threads();
-  const char* env = std::getenv("SAK_CPU_TILE");
-  if (env && *env) {
-    const int t = std::atoi(env);
-    TORCH_CHECK(t == 16 || t == 32 || t == 64, "SAK_CPU_TILE: expected 16, 32 or 64, got '", env, "'");
-    c.tile = t;
-  }
   return c;
 }
 
@@ -252,13 +237,8 @@ constexpr int64_t KCHUNK = 128;
 constexpr int64_t KBLOCK_MIN_X_BYTES = (int64_t)4 << 20;
 
 // SAK_CPU_KBLOCK=0|1 forces it off / on (wherever the layout allows) for tests and benchmarks.
-bool want_kblock(int64_t N, int64_t n_cols, int64_t rows, int64_t nnz, int64_t elem_bytes) {
-  const char* env = std::getenv("SAK_CPU_KBLOCK");
-  if (env && *env && std::strcmp(env, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
-                "SAK_CPU_KBLOCK: expected auto, 0 or 1, got '", env, "'");
-    return env[0] == '1' && rows > 0;
-  }
+bool want_kblock(int64_t N, int64_t n_cols, int64_t rows, int64_t nnz, int64_t elem_bytes, const Knobs& k) {
+  if (k.kblock != Knobs::kAuto) return k.kblock == Knobs::kOn && rows > 0;
   return N * n_cols * elem_bytes >= KBLOCK_MIN_X_BYTES && n_cols > 256 && rows > 0 && nnz / rows >= 32;
 }
 
@@ -400,7 +380,7 @@ struct Operand {
 // the values once per contents of `values` (see prepare_values).
 Operand make_operand(const char* op, const std::string& prefix, const Tensor& values, const Tensor& crow,
                      const Tensor& col, const std::optional<Tensor>& perm, int64_t in_features,
-                     const char* in_what, DType dt, Layout layout = Layout::plain, int64_t chunk = 0) {
+                     const char* in_what, DType dt, const Knobs& k, Layout layout = Layout::plain, int64_t chunk = 0) {
   const std::string vn = prefix + "values", cn = prefix + "crow_indices", kn = prefix + "col_indices",
                     pn = prefix + "perm";
   check_cpu(op, vn.c_str(), values);
@@ -433,7 +413,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   const Tensor perm_t = transposed ? *perm : Tensor();
   const std::vector<int64_t> params = {(int64_t)layout, chunk, in_features, bh, bw};
   Operand o;
-  o.structure = structure_cache().get({crow, col, perm_t}, params, [&]() {
+  o.structure = structure_cache().get(k.cache, {crow, col, perm_t}, params, [&]() {
     check_crow(op, cn.c_str(), crow, block_rows, "block rows", nb, ("the number of entries of " + kn).c_str());
     check_range(op, kn.c_str(), col, block_cols, bsr ? "block columns" : "columns");
     check_no_duplicates(op, kn.c_str(), crow, col, block_cols);
@@ -451,7 +431,7 @@ Operand make_operand(const char* op, const std::string& prefix, const Tensor& va
   if (as_given) {
     o.values = values;  // the kernels read the values tensor itself
   } else {
-    o.values = *values_cache().get({values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt},
+    o.values = *values_cache().get(k.cache, {values, crow, col, perm_t}, {(int64_t)layout, chunk, in_features, (int64_t)dt},
                                    [&]() { return std::make_shared<const Tensor>(prepare_values(values, perm, S, layout, dt)); });
   }
   o.op.crow = crow.data_ptr<int32_t>();
@@ -556,17 +536,17 @@ PreparedCache<EntryHolder>& entry_cache() {
   return c;
 }
 
-EntryHolder cached_entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_t bw, int64_t M) {
+EntryHolder cached_entry_rows(const Tensor& crow, const Tensor& col, int64_t bh, int64_t bw, int64_t M, const Knobs& k) {
   if (bh == 1 && bw == 1) return entry_rows(crow, col, bh, bw, M);
-  return *entry_cache().get({crow, col}, {bh, bw, M}, [&]() {
+  return *entry_cache().get(k.cache, {crow, col}, {bh, bw, M}, [&]() {
     return std::make_shared<const EntryHolder>(entry_rows(crow, col, bh, bw, M));
   });
 }
 
 void check_transpose_cached(const char* op, const std::string& prefix, const Tensor& crow, const Tensor& col,
-                            const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm) {
+                            const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm, const Knobs& k) {
   static PreparedCache<bool> checked(256);
-  checked.get({crow, col, t_crow, t_row, t_perm}, {}, [&]() {
+  checked.get(k.cache, {crow, col, t_crow, t_row, t_perm}, {}, [&]() {
     const std::string a = prefix + "t_crow_indices", c = prefix + "t_perm";
     check_crow(op, a.c_str(), t_crow, t_crow.numel() - 1, "block columns of the weight", col.numel(),
                "the number of stored entries");
@@ -606,47 +586,48 @@ int64_t work_of(int64_t N, int64_t nnz, int64_t feats) { return N * (nnz + feats
 // Ops
 // ---------------------------------------------------------------------------------------------
 Tensor spmm_impl(const char* op, const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
-                 const std::optional<Tensor>& perm, bool want_bsr) {
+                 const std::optional<Tensor>& perm, bool want_bsr, const Knobs& k) {
   const DType dt = float_dtype(op, "x", x);
   check_matrix(op, "x", x, "[N, K]");
   check_same_dtype(op, "values", values, "x", x);
   TORCH_CHECK(values.dim() == (want_bsr ? 3 : 1), "sparseadapter_kernels::", op, ": values: expected a ",
               want_bsr ? "3-D [nblocks, bh, bw]" : "1-D [nnz]", " tensor, got shape ", shape_str(values));
-  const KernelTable* table = kernels_for(dt);
+  const KernelTable* table = kernels_for(dt, k);
   // Layout: vdpbf16ps pairs pay where the indexed tile is large (they halve its bytes and the loads
   // per entry); with few input features the product is bound by the output transposes and the fp32
   // path is as fast. K-blocking: see want_kblock.
   const int64_t N = x.size(0), K = x.size(1);
-  const bool kblock = !want_bsr && want_kblock(N, K, crow.numel() - 1, col.numel(), x.element_size());
+  const bool kblock = !want_bsr && want_kblock(N, K, crow.numel() - 1, col.numel(), x.element_size(), k);
   Layout layout = kblock ? Layout::kblocked : Layout::plain;
   int64_t chunk = kblock ? KCHUNK : 0;
   if (dt == DType::bf16 && !want_bsr && table->wants_bf16_pairs && K > 256) {
     layout = Layout::pairs;
     chunk = kblock ? KCHUNK : K;
   }
-  Operand A = make_operand(op, "", values, crow, col, perm, K, "x.size(1)", dt, layout, chunk);
+  Operand A = make_operand(op, "", values, crow, col, perm, K, "x.size(1)", dt, k, layout, chunk);
   const int64_t M = A.op.rows();
   Tensor y = at::empty({N, M}, x.options());
   if (N == 0 || M == 0) return y;
   if (A.op.nblocks == 0) return y.zero_();
   SpmmArgs a{dt, N, x.size(1), M, x.data_ptr(), ld_of(x), A.op, y.data_ptr(), M,
-             make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)), N, y.nbytes())};
+             make_config(work_of(N, A.op.nnz(), x.size(1) + M), tile_for(x.size(1)), N, y.nbytes(), k)};
   table->spmm(a);
   return y;
 }
 
 Tensor csr_spmm(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                 const std::optional<Tensor>& perm) {
-  return spmm_impl("csr_spmm", x, values, crow, col, perm, false);
+  return spmm_impl("csr_spmm", x, values, crow, col, perm, false, Knobs::read());
 }
 
 Tensor bsr_spmm(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                 const std::optional<Tensor>& perm) {
-  return spmm_impl("bsr_spmm", x, values, crow, col, perm, true);
+  return spmm_impl("bsr_spmm", x, values, crow, col, perm, true, Knobs::read());
 }
 
 Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tensor& crow, const Tensor& col, int64_t bh,
                   int64_t bw, bool bsr) {
+  const Knobs k = Knobs::read();
   const DType dt = float_dtype(op, "dy", dy);
   check_matrix(op, "dy", dy, "[N, M]");
   check_same_dtype(op, "x", x, "dy", dy);
@@ -666,10 +647,10 @@ Tensor sddmm_impl(const char* op, const Tensor& dy, const Tensor& x, const Tenso
   Tensor out = bsr ? at::empty({nb, bh, bw}, dy.options()) : at::empty({nb}, dy.options());
   if (nb == 0) return out;
   if (N == 0) return out.zero_();
-  EntryHolder H = cached_entry_rows(crow, col, bh, bw, M);
+  EntryHolder H = cached_entry_rows(crow, col, bh, bw, M, k);
   SddmmArgs a{dt, N, M, K, dy.data_ptr(), ld_of(dy), x.data_ptr(), ld_of(x), H.E, out.data_ptr(),
-              make_config(work_of(N, H.E.nnz, M + K), tile_for(K), N, 0)};
-  kernels_for(dt)->sddmm(a);
+              make_config(work_of(N, H.E.nnz, M + K), tile_for(K), N, 0, k)};
+  kernels_for(dt, k)->sddmm(a);
   return out;
 }
 
@@ -684,12 +665,13 @@ Tensor bsr_sddmm(const Tensor& dy, const Tensor& x, const Tensor& crow, const Te
 
 Tensor linear_impl(const char* op, const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                    const Tensor& t_crow, const Tensor& t_row, const Tensor& t_perm, bool bsr) {
-  Tensor y = spmm_impl(op, x, values, crow, col, std::nullopt, bsr);
+  const Knobs k = Knobs::read();
+  Tensor y = spmm_impl(op, x, values, crow, col, std::nullopt, bsr, k);
   const int64_t bw = bsr ? values.size(2) : 1;
   check_t_meta(op, "", t_crow, t_row, t_perm, x.size(1) / bw, col.numel());
   // the backward computes dx through the transpose: it must describe the same entries (cached per
   // structure, as in fused_adapter_backward)
-  check_transpose_cached(op, "", crow, col, t_crow, t_row, t_perm);
+  check_transpose_cached(op, "", crow, col, t_crow, t_row, t_perm, k);
   return y;
 }
 
@@ -717,6 +699,7 @@ std::tuple<Tensor, Tensor> fused_adapter(
     const Tensor& up_t_crow, const Tensor& up_t_row, const Tensor& up_t_perm, const std::optional<Tensor>& up_bias,
     c10::string_view activation, double scale) {
   const char* op = "fused_adapter";
+  const Knobs k = Knobs::read();
   const DType dt = float_dtype(op, "x", x);
   check_matrix(op, "x", x, "[N, d]");
   const Act act = parse_act(op, activation);
@@ -724,11 +707,11 @@ std::tuple<Tensor, Tensor> fused_adapter(
   check_same_dtype(op, "up_values", up_values, "x", x);
   const int64_t N = x.size(0), d = x.size(1);
   const bool kblock_down = down_values.dim() == 1 &&
-                          want_kblock(N, d, down_crow.numel() - 1, down_col.numel(), x.element_size());
-  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt,
+                          want_kblock(N, d, down_crow.numel() - 1, down_col.numel(), x.element_size(), k);
+  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt, k,
                            kblock_down ? Layout::kblocked : Layout::plain, kblock_down ? KCHUNK : 0);
   const int64_t r = D.op.rows();
-  Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt);
+  Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt, k);
   const int64_t d_out = Up.op.rows();
   check_t_meta(op, "down_", down_t_crow, down_t_row, down_t_perm, d / D.op.bw, D.op.nblocks);
   check_t_meta(op, "up_", up_t_crow, up_t_row, up_t_perm, r / Up.op.bw, Up.op.nblocks);
@@ -758,8 +741,8 @@ std::tuple<Tensor, Tensor> fused_adapter(
   a.scale = scale;
   a.out = out.data_ptr();
   a.hidden = hidden.data_ptr();
-  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 64, N, out.nbytes());
-  kernels_for(dt)->fused_fwd(a);
+  a.cfg = make_config(work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 64, N, out.nbytes(), k);
+  kernels_for(dt, k)->fused_fwd(a);
   return {out, hidden};
 }
 
@@ -769,6 +752,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
     const Tensor& up_values, const Tensor& up_crow, const Tensor& up_col, const Tensor& up_t_crow,
     const Tensor& up_t_row, const Tensor& up_t_perm, c10::string_view activation, double scale, bool add_grad_out) {
   const char* op = "fused_adapter_backward";
+  const Knobs k = Knobs::read();
   const DType dt = float_dtype(op, "x", x);
   check_matrix(op, "x", x, "[N, d]");
   const Act act = parse_act(op, activation);
@@ -777,24 +761,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   check_same_dtype(op, "down_values", down_values, "x", x);
   check_same_dtype(op, "up_values", up_values, "x", x);
   const int64_t N = x.size(0), d = x.size(1);
-  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt);
+  Operand D = make_operand(op, "down_", down_values, down_crow, down_col, std::nullopt, d, "x.size(1)", dt, k);
   const int64_t r = D.op.rows();
-  Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt);
+  Operand Up = make_operand(op, "up_", up_values, up_crow, up_col, std::nullopt, r, "the bottleneck size (rows of down)", dt, k);
   const int64_t d_out = Up.op.rows();
   // transposes: down.T is [d, r] (block rows d / bw, block columns r / bh), up.T is [r, d_out]
   Operand Dt = make_operand(op, "down_t_", down_values, down_t_crow, down_t_row, down_t_perm, r,
-                            "the bottleneck size (rows of down)", dt);
+                            "the bottleneck size (rows of down)", dt, k);
   const bool kblock_up_t = up_values.dim() == 1 &&
-                          want_kblock(N, d_out, up_t_crow.numel() - 1, up_t_row.numel(), x.element_size());
-  Operand Ut = make_operand(op, "up_t_", up_values, up_t_crow, up_t_row, up_t_perm, d_out, "rows of up", dt,
+                          want_kblock(N, d_out, up_t_crow.numel() - 1, up_t_row.numel(), x.element_size(), k);
+  Operand Ut = make_operand(op, "up_t_", up_values, up_t_crow, up_t_row, up_t_perm, d_out, "rows of up", dt, k,
                             kblock_up_t ? Layout::kblocked : Layout::plain, kblock_up_t ? KCHUNK : 0);
   TORCH_CHECK(Dt.op.rows() == d && Ut.op.rows() == r, "sparseadapter_kernels::", op,
               ": down_t_crow_indices/up_t_crow_indices: expected ", d / D.op.bw + 1, " and ", r / Up.op.bw + 1,
               " entries (block columns + 1), got ", down_t_crow.numel(), " and ", up_t_crow.numel());
-  check_transpose_cached(op, "down_", down_crow, down_col, down_t_crow, down_t_row, down_t_perm);
-  check_transpose_cached(op, "up_", up_crow, up_col, up_t_crow, up_t_row, up_t_perm);
-  EntryHolder De = cached_entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r);
-  EntryHolder Ue = cached_entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out);
+  check_transpose_cached(op, "down_", down_crow, down_col, down_t_crow, down_t_row, down_t_perm, k);
+  check_transpose_cached(op, "up_", up_crow, up_col, up_t_crow, up_t_row, up_t_perm, k);
+  EntryHolder De = cached_entry_rows(down_crow, down_col, D.op.bh, D.op.bw, r, k);
+  EntryHolder Ue = cached_entry_rows(up_crow, up_col, Up.op.bh, Up.op.bw, d_out, k);
   check_matrix(op, "grad_out", grad_out, "[N, d_out]");
   check_matrix(op, "hidden", hidden, "[N, r]");
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(1) == d_out, "sparseadapter_kernels::", op,
@@ -828,17 +812,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_adapter_backward(
   a.grad_down_bias = gdb.data_ptr();
   a.grad_up_values = guv.data_ptr();
   a.grad_up_bias = gub.data_ptr();
-  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 32, N, gx.nbytes());
-  kernels_for(dt)->fused_bwd(a);
+  a.cfg = make_config(2 * work_of(N, D.op.nnz() + Up.op.nnz(), d + r + d_out), 32, N, gx.nbytes(), k);
+  kernels_for(dt, k)->fused_bwd(a);
   return {gx, gdv, gdb, guv, gub};
 }
 
 std::string cpu_isa(at::ScalarType dtype) {
   const char* op = "cpu_isa";
   switch (dtype) {
-    case at::kFloat: return kernels_for(DType::f32)->name;
-    case at::kBFloat16: return kernels_for(DType::bf16)->name;
-    case at::kDouble: return kernels_for(DType::f64)->name;
+    case at::kFloat: return kernels_for(DType::f32, Knobs::read())->name;
+    case at::kBFloat16: return kernels_for(DType::bf16, Knobs::read())->name;
+    case at::kDouble: return kernels_for(DType::f64, Knobs::read())->name;
     default:
       TORCH_CHECK(false, "sparseadapter_kernels::", op, ": dtype: expected float32, bfloat16 or float64, got ", dtype);
   }

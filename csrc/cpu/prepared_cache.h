@@ -14,12 +14,11 @@
 // optimizers, writes through `.data`, `param.data = ...`, numpy views and raw pointers all bypass
 // PyTorch's version counter, and a freed tensor's address can be reused. After an optimizer step the
 // values differ, so the next call prepares them again, whatever wrote them. SAK_CPU_CACHE=0 turns the
-// cache off.
+// cache off (knobs.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <list>
@@ -93,9 +92,10 @@ class PreparedCache {
   // The value derived from `tensors` + `params`, built by `build()` when no entry holds their current
   // contents. Builds run outside the lock (two threads may build the same entry once each; both
   // results are correct). `build()` may throw (a validation error): nothing is cached then.
-  std::shared_ptr<const Value> get(const std::vector<at::Tensor>& tensors, std::vector<int64_t> params,
+  // `enabled` is the SAK_CPU_CACHE knob (knobs.h): off, every call builds.
+  std::shared_ptr<const Value> get(bool enabled, const std::vector<at::Tensor>& tensors, std::vector<int64_t> params,
                                    const std::function<std::shared_ptr<const Value>()>& build) {
-    if (!enabled()) return build();
+    if (!enabled) return build();
     const CacheKey probe = CacheKey::of(tensors, params, /*snapshot=*/false);
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -125,14 +125,6 @@ class PreparedCache {
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
     items_.clear();
-  }
-
-  // SAK_CPU_CACHE=0 turns every cache off (read per call, so tests can compare).
-  static bool enabled() {
-    const char* env = std::getenv("SAK_CPU_CACHE");
-    if (!env || !*env || std::strcmp(env, "1") == 0) return true;
-    TORCH_CHECK(std::strcmp(env, "0") == 0, "SAK_CPU_CACHE: expected 0 or 1, got '", env, "'");
-    return false;
   }
 
  private:

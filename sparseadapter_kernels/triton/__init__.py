@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..reference import canonical_activation
+
 BLOCK_SIZES = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OPS = ("linear", "adapter")
@@ -128,7 +130,7 @@ def sparse_adapter(x: torch.Tensor, down, up, down_bias: Optional[torch.Tensor] 
         x.contiguous(), None if residual is None else residual.contiguous(),
         down.values, down.crow_indices, down.col_indices, down.row_indices, down.t_crow_indices,
         down.t_row_indices, down.t_perm, down_bias, up.values, up.crow_indices, up.col_indices, up.row_indices,
-        up.t_crow_indices, up.t_row_indices, up.t_perm, up_bias, {"swish": "silu"}.get(activation, activation),
+        up.t_crow_indices, up.t_row_indices, up.t_perm, up_bias, canonical_activation(activation),
         float(scale))
     return out
 
@@ -158,7 +160,7 @@ def dense_adapter(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.T
     _check_device("x", x)
     out, _ = torch.ops.sparseadapter_kernels.triton_dense_adapter(
         x.contiguous(), None if residual is None else residual.contiguous(), down_weight.contiguous(), down_bias,
-        up_weight.contiguous(), up_bias, {"swish": "silu"}.get(activation, activation), float(scale))
+        up_weight.contiguous(), up_bias, canonical_activation(activation), float(scale))
     return out
 
 

@@ -1,6 +1,6 @@
 // Platform layer of the CUDA kernels: the few device primitives the kernels use (barriers, warp
 // shuffles, dynamic shared memory, cp.async, mma.sync), written once for nvcc and once for the host
-// SIMT emulator of csrc/cuda/check/emulator.h (compiled with -DSAK_EMULATE by a plain C++ compiler,
+// SIMT emulator of csrc/cuda/kernels/emulator.h (compiled with -DSAK_EMULATE by a plain C++ compiler,
 // so the kernels' index math and synchronisation are tested on machines without a GPU).
 //
 // No torch dependency here or in any kernels/*.cuh header.
@@ -15,7 +15,7 @@
 #include <cuda_fp16.h>
 
 #if defined(SAK_EMULATE)
-#include "../check/emulator.h"
+#include "emulator.h"
 #define SAK_DEVICE inline
 #define SAK_HOST_DEVICE inline
 #define SAK_GLOBAL
