@@ -290,7 +290,7 @@ def test_failed_last_rename_keeps_new_checkpoint(tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(integration.os, "replace", replace)
+    monkeypatch.setattr(integration.checkpoint.os, "replace", replace)
     with pytest.raises(OSError, match="simulated"):
         save_adapters(b, str(tmp_path))
     monkeypatch.undo()

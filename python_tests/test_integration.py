@@ -365,7 +365,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(integration.os, "fsync", boom)
+    monkeypatch.setattr(integration.checkpoint.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         save_adapters(model, str(tmp_path))
     monkeypatch.undo()
