@@ -835,29 +835,3 @@ def test_bad_isa_env(monkeypatch):
     monkeypatch.setenv("SAK_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match=r"SAK_CPU_ISA: expected one of auto, avx512bf16, avx512, avx2, generic, got 'sse9'"):
         lib.csr_spmm(rand(3, 24), w.values, w.crow_indices, w.col_indices, None)
-
-
-def test_auto_uses_the_measured_crossover():
-    """'auto' runs the kernels only at or below the measured crossover density for the token count,
-    else dense math."""
-    from sparseadapter_kernels import dispatch
-
-    assert "cpu" in sak.available_backends()
-    sparse = make_weight((64, 768), 0.9, torch.float32, "csr", None)
-    dense_ish = make_weight((64, 768), 0.0, torch.float32, "csr", None)
-    many, few = rand(4096, 768), rand(1, 768)
-    for x in (many, few):
-        limit = dispatch.crossover_density("cpu", torch.float32, "csr", "linear", "cpu", x.shape[0])
-        assert dispatch.choose_backend(x, sparse, "linear") == ("cpu" if sparse.density <= limit else "dense")
-        assert dispatch.choose_backend(x, dense_ish, "linear") == "dense"
-    assert dispatch.choose_backend(many, sparse, "linear") == "cpu"
-    assert dispatch.choose_backend(many.reshape(32, 128, 768), sparse, "linear") == "cpu"  # tokens, not rows
-    for dtype in (torch.float32, torch.bfloat16):
-        for layout in ("csr", "bsr"):
-            for op in ("linear", "adapter"):
-                by_n = dispatch.CROSSOVER[("cpu", dtype, layout, op, "cpu")]
-                assert set(by_n) == {1, 16, 256, 4096} and all(0 <= v < 1 for v in by_n.values())
-    assert dispatch.crossover_density("cpu", torch.float64, "csr", "linear", "cpu", 4096) == 0.0  # not measured
-    for x in (many, few):
-        torch.testing.assert_close(sak.ops.sparse_linear(x, sparse, backend="auto"),
-                                   sak.ops.sparse_linear(x, sparse, backend="reference"), atol=1e-4, rtol=1e-4)

@@ -10,6 +10,7 @@ def info_lines() -> list:
 
     import sparseadapter_kernels as sak
     from sparseadapter_kernels._extension import EXTENSION
+    from sparseadapter_kernels import dispatch, tuning
     from sparseadapter_kernels.backends import cpu_isa
     from sparseadapter_kernels.machine import cpu_label
 
@@ -30,6 +31,13 @@ def info_lines() -> list:
     ]
     for name, (ok, reason) in sak.backend_status().items():
         lines.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {reason}")
+    lines.append(f"backend='auto' on the CPU (tuning cache {tuning.cache_path()}; tune with `sparseadapter-bench --tune`):")
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("csr", "bsr"):
+            for op in ("linear", "adapter"):
+                source, table = dispatch.decision("cpu", dtype, layout, op, "cpu")
+                where = ", ".join(f"N>={n}: density<={d:g}" for n, d in table) or "dense math always"
+                lines.append(f"  {str(dtype).replace('torch.', ''):<9} {layout} {op:<8} {source:<9} {where}")
     return lines
 
 
