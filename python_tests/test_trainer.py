@@ -116,8 +116,8 @@ def trainable(model):
 
 
 def check_fused_default_optimizer(trainer, model):
-    assert str(trainer.args.optim.value if hasattr(trainer.args.optim, "value") else trainer.args.optim) \
-        == "adamw_torch_fused", f"transformers {transformers.__version__}: default optim is {trainer.args.optim}"
+    assert trainer.args.optim == "adamw_torch_fused", \
+        f"transformers {transformers.__version__}: the Trainer's optim is {trainer.args.optim!r}"
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's AcceleratedOptimizer wraps it
     assert isinstance(opt, torch.optim.AdamW), type(opt)
     assert opt.defaults.get("fused") is True and all(g["fused"] for g in opt.param_groups), opt.defaults
