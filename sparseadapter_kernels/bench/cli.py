@@ -9,20 +9,27 @@ import torch
 
 from . import shapes as S
 from .impls import KERNEL_BACKENDS, backend_skip_reason
+from .suites import choices as suite_choices
 
 DESCRIPTION = """\
 Dense vs sparse adapter throughput, side by side, on this machine.
 
 Every row runs the same problem through torch dense on the masked weight (same dtype, and the
-fastest dense dtype), the dense-mask reference (what the official SparseAdapter code does),
-torch.sparse where it has a kernel, and each of our available backends; each output is verified
-against a float64 oracle before it is timed. Results (JSON + CSV with provenance) and PNG plots
-go to --out."""
+fastest dense dtype, measured once per run), the dense-mask reference (what the official
+SparseAdapter code does), torch.sparse where it has a kernel, and each of our available backends;
+each output is verified against a float64 oracle (the test suite's tolerance rule) before it is
+timed; all of a row are timed interleaved, and every ratio is the median of the paired per-round
+ratios with its spread. Results (JSON + CSV with provenance) and PNG plots go to --out; every
+named suite (--suite) writes the same format, which --compare reads."""
 
 EPILOG = """\
 examples:
   sparseadapter-bench                               # the default sweep (docs/method.md shapes)
   sparseadapter-bench --quick                       # a reduced sweep, about a minute
+  sparseadapter-bench --suite readme                # the README speed table (readme_table.md)
+  sparseadapter-bench --suite crossover             # re-derive dispatch.CROSSOVER on this machine
+  sparseadapter-bench --suite gpu --quick           # GPU acceptance figures (pass/fail in results.json)
+  TRITON_INTERPRET=1 sparseadapter-bench --suite gpu --smoke   # the GPU suites' plumbing, on the CPU
   sparseadapter-bench --shapes large --suites main --ops adapter --modes fwd
   sparseadapter-bench --tokens 512 --d 1024 --r 128 --sparsities 0.9,0.95 --layouts bsr --block-size 16x16
   sparseadapter-bench --compare old/results.json bench_out/results.json
@@ -50,31 +57,29 @@ def _choices(choices: Sequence[str], what: str):
     return parse
 
 
-def _sparsities(text: str) -> List[float]:
+def _each(text: str, convert, what: str, check) -> list:
+    """Parse a comma list: ``convert`` each item (ValueError -> "is not a ..."), then ``check`` it
+    (returns an error message or '')."""
     out = []
     for item in _list(text):
         try:
-            s = float(item)
+            v = convert(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
-        if not 0.0 <= s < 1.0:
-            raise argparse.ArgumentTypeError(f"sparsity {item} is outside [0, 1) (it is the fraction of weights "
-                                             "removed: 0.9 keeps 10%)")
-        out.append(s)
-    return sorted(set(out))
+            raise argparse.ArgumentTypeError(f"{what}{item!r} is not {'an integer' if convert is int else 'a number'}") from None
+        why = check(v)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        out.append(v)
+    return out
+
+
+def _sparsities(text: str) -> List[float]:
+    return sorted(set(_each(text, float, "", lambda s: "" if 0.0 <= s < 1.0 else
+                            f"sparsity {s:g} is outside [0, 1) (it is the fraction of weights removed: 0.9 keeps 10%)")))
 
 
 def _positive_ints(text: str, what: str = "value", minimum: int = 1) -> List[int]:
-    out = []
-    for item in _list(text):
-        try:
-            v = int(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} {item!r} is not an integer") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{what} {v} must be >= {minimum}")
-        out.append(v)
-    return out
+    return _each(text, int, what + " ", lambda v: f"{what} {v} must be >= {minimum}" if v < minimum else "")
 
 
 def _one_int(text: str, minimum: int) -> int:
@@ -145,9 +150,20 @@ def _block_size(text: str) -> Tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparseadapter-bench", description=DESCRIPTION, epilog=EPILOG,
+    from .suites import describe
+
+    p = argparse.ArgumentParser(prog="sparseadapter-bench", description=DESCRIPTION,
+                                epilog=EPILOG + "\nsuites (--suite):\n" + "\n".join(describe()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
+    g.add_argument("--suite", type=_choices(suite_choices(), "suite"), default=["sweep"], metavar="LIST",
+                   help="named suites, comma-separated (default: sweep); see the list below")
+    g.add_argument("--tune", action="store_true",
+                   help="measure where the CPU kernels beat dense math on this machine and store backend=auto's "
+                        "decision tables in the tuning cache (the suite 'tune'; a few minutes)")
+    g.add_argument("--smoke", action="store_true",
+                   help="tiny shapes and 3 repetitions on any device (the GPU suites on the CPU, Triton under "
+                        "TRITON_INTERPRET=1): proves a suite starts and writes its files; its numbers mean nothing")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="device to benchmark (default: auto = cuda if a GPU is visible, else cpu)")
     g.add_argument("--shapes", type=_shapes, default=None, metavar="LIST",
@@ -172,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ops", type=_choices(S.OPS, "op"), default=None, metavar="LIST",
                    help="down ([r,d] projection), up ([d,r] projection), adapter (whole layer) (default: all)")
     g.add_argument("--suites", type=_choices(S.SUITES, "suite"), default=None, metavar="LIST",
-                   help="main (the sweep), large-sparse (dense r vs k*r at 1-1/k), tokens (time vs N), memory "
-                        "(default: all)")
+                   help="parts of the sweep: main, large-sparse (dense r vs k*r at 1-1/k), tokens (time vs N), "
+                        "memory (default: all)")
     g.add_argument("--large-sparse-k", type=lambda t: _positive_ints(t, "k", 2), default=None, metavar="LIST",
                    help="Large-Sparse factors k (default: 2,4,8)")
     g.add_argument("--token-sweep", type=lambda t: _positive_ints(t, "N"), default=None, metavar="LIST",
@@ -203,10 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave glibc's allocator as it is (default: keep freed memory in the process, so no "
                         "implementation is timed paying page faults for memory another one just returned)")
     t.add_argument("--seed", type=int, default=0, help="random seed of weights, masks and inputs (default: 0)")
+    t.add_argument("--noise-threshold", type=_positive_float, default=S.DEFAULT_NOISE_THRESHOLD, metavar="FRACTION",
+                   help="flag a ratio whose spread (IQR / median of its paired per-round ratios) is wider "
+                        "(marked ~, drawn hollow; default: %(default)g)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="bench_out", metavar="DIR",
                    help="where results.json, results.csv and the plots go (default: %(default)s)")
     o.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG plots")
+    o.add_argument("--tables", action="store_true",
+                   help="also print the full table of every case at the end (they are always in results.csv)")
+    o.add_argument("--strict", action="store_true",
+                   help="exit with status 4 when a required acceptance figure (--suite gpu) fails")
     o.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar (it is shown on a terminal)")
     o.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
@@ -222,12 +245,12 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         device = args.device
         if device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-    quick = S.QUICK if args.quick else {}
+    quick = S.SMOKE if args.smoke else S.QUICK if args.quick else {}
 
     def pick(value, key, default):
         return value if value is not None else quick.get(key, default)
 
-    shapes = args.shapes or [S.SHAPE_PRESETS["default"]]
+    shapes = args.shapes or list(quick.get("shapes", [S.SHAPE_PRESETS["default"]]))
     shapes = [(args.tokens or n, args.d or d, args.r or r) for (n, d, r) in shapes]
     shapes = list(dict.fromkeys(shapes))
     dtypes = args.dtypes or (["bfloat16"] if device == "cuda" else ["float32"])
@@ -245,14 +268,16 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         min_repeats=pick(args.min_repeats, "min_repeats", S.DEFAULT_MIN_REPEATS),
         max_time=pick(args.max_time, "max_time", S.DEFAULT_MAX_TIME), buffers=args.buffers, seed=args.seed,
         torch_sparse=args.torch_sparse,
-        time_budget=0.0)
-    total = S.DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget
+        time_budget=0.0, noise_threshold=args.noise_threshold)
+    total = (0.0 if args.smoke else S.DEFAULT_TIME_BUDGET) if args.time_budget is None else args.time_budget
     if total < 0:
         parser.error(f"--time-budget {total:g}: must be >= 0 (0 = no limit)")
     if total > 0:
         reserve = (S.BUDGET_RESERVE_S["memory"] if "memory" in suites else 0.0) + \
             (S.BUDGET_RESERVE_S["plots"] if args.plots else 0.0)
         cfg.time_budget = max(0.5 * total, total - reserve)
+    if args.min_repeats is None:   # --repeats alone lowers the default floor with it
+        cfg.min_repeats = min(cfg.min_repeats, cfg.repeats)
     if cfg.min_repeats > cfg.repeats:
         parser.error(f"--min-repeats {cfg.min_repeats} is larger than --repeats {cfg.repeats}")
     if "bsr" in layouts:
@@ -293,6 +318,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def parse(argv: Optional[Sequence[str]] = None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.tune:
+        args.suite = ["tune"] if args.suite == ["sweep"] else list(dict.fromkeys(args.suite + ["tune"]))
     if args.compare:
         return parser, args, None
     return parser, args, config_from_args(parser, args)

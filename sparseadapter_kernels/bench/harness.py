@@ -1,28 +1,27 @@
-"""The benchmark loop: for every problem and implementation, verify against the oracle, then time.
+"""The default sweep's loop: for every problem and implementation, verify against the oracle, then time.
 
-An implementation whose outputs do not match the float64 oracle (per-dtype tolerance) is never timed:
-its row says ``wrong`` and the run exits non-zero. One that cannot run the problem (no kernel for the
-layout or dtype, ...) is ``n/a`` with the reason. ``Runner.events`` records every ``verify`` and
-``time`` step in order, so tests can check that nothing was timed before it was verified.
+Each problem is one :class:`~.case.Case`: an implementation whose outputs miss the tolerance rule of
+:mod:`sparseadapter_kernels.tolerance` is never timed (its row says ``wrong`` and the run exits
+non-zero); one that cannot run the problem (no kernel for the layout or dtype, ...) is ``n/a`` with the
+reason. ``Runner.events`` records every ``verify`` and ``time`` step in order, so tests can check that
+nothing was timed before it was verified. The fastest dense dtype ("torch-dense-best") is measured once
+per sweep, before it (``Runner.dense_choice``), and used for every row.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .impls import BEST_DENSE_CANDIDATES, Built, Impl, NotApplicable, TorchDense, build_impls
+from .case import NOISE_THRESHOLD, Candidate, Case, Measurement, Ready, ratio_fields, timing_fields, \
+    time_together, verify
+from .impls import BEST_DENSE_CANDIDATES, Built, Impl, TorchDense, build_impls
 from .shapes import Problem, SweepConfig, all_problems
-from .timing import Timing, measure_many
-from .workload import TOLERANCE, Workload, compare, dtype_name
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:200]
+from .timing import TimerSettings
+from .workload import Workload
 
 
 def run_outputs(built: Built, wl: Workload, index: int = 0) -> Dict[str, torch.Tensor]:
@@ -39,36 +38,36 @@ def run_outputs(built: Built, wl: Workload, index: int = 0) -> Dict[str, torch.T
 def make_step(built: Built, wl: Workload):
     """``step(i)``: one call of the implementation on input buffer ``i`` (forward, or forward + grads)."""
     xs, dys = wl.inputs(built.dtype)
-    fwd, params = built.fwd, built.params
+    fwd, params, n = built.fwd, built.params, len(xs)
     if wl.problem.mode == "fwd":
         def step(i):
             with torch.no_grad():
-                return fwd(xs[i])
+                return fwd(xs[i % n])
     else:
         def step(i):
-            y = fwd(xs[i])
-            return torch.autograd.grad(y, [xs[i]] + params, dys[i])
+            y = fwd(xs[i % n])
+            return torch.autograd.grad(y, [xs[i % n]] + params, dys[i % n])
     return step
 
 
-@dataclasses.dataclass
-class Measurement:
-    impl: str
-    kind: str
-    impl_dtype: str
-    status: str = "ok"            # ok | n/a | wrong
-    reason: str = ""
-    verified: bool = False
-    max_rel_err: float = float("nan")
-    tol: float = float("nan")
-    worst_output: str = ""
-    timing: Optional[Timing] = None
-    sparse_weights: bool = True
-    flops: int = 0
-    bytes: int = 0
-    verify_s: float = 0.0         # duration of the verification call (a cost estimate)
-    built: Optional[Built] = dataclasses.field(default=None, repr=False)
-    workload: Optional[Workload] = dataclasses.field(default=None, repr=False)
+def impl_candidate(impl: Impl, wl: Workload, name: Optional[str] = None, own_reference: bool = False) -> Candidate:
+    """An implementation on a workload as a case candidate (``own_reference``: verified against its own
+    workload's oracle, as Large-Sparse's dense r0 adapter)."""
+    dtype = impl.dtype(wl)
+
+    def build() -> Ready:
+        built = impl.build(wl)
+        return Ready(make_step(built, wl), lambda: run_outputs(built, wl))
+
+    return Candidate(name or impl.name, build, dtype, impl.kind, ref=wl.reference if own_reference else None,
+                     fields=dict(flops=wl.useful_flops, bytes=wl.bytes_moved(dtype, impl.sparse_weights)))
+
+
+def problem_key(p: Problem, wl: Workload) -> dict:
+    """The row fields of a problem (its key for ``--compare``, and what was actually generated)."""
+    return {**p.as_dict(), "block_size": f"{p.block_size[0]}x{p.block_size[1]}",
+            "actual_sparsity": round(wl.actual_sparsity, 6), "nnz": wl.nnz, "numel": wl.numel,
+            "ideal_speedup": wl.numel / wl.nnz}
 
 
 class Runner:
@@ -76,131 +75,110 @@ class Runner:
 
     Per problem, every implementation is first verified against the oracle; then all verified ones
     are timed together, interleaved (see :func:`~.timing.measure_many`), so each row's ratios are
-    measured under the same conditions.
+    measured under the same conditions and can be paired round by round. ``on_rows(rows)`` is called
+    as each problem finishes (the CLI prints them as they come).
     """
 
-    def __init__(self, cfg: SweepConfig, impls: Optional[List[Impl]] = None, progress: Optional[bool] = None):
+    def __init__(self, cfg: SweepConfig, impls: Optional[List[Impl]] = None, progress: Optional[bool] = None,
+                 on_rows: Optional[Callable[[List[dict]], None]] = None, dense_dtype: Optional[str] = None):
         self.cfg = cfg
         self.impls = impls if impls is not None else build_impls(cfg.backends, cfg.torch_sparse)
         self.progress = progress
+        self.on_rows = on_rows
         self.events: List[Tuple[str, str, str]] = []
         self.scale = 1.0          # < 1 when the time budget forced fewer timed calls
         self.min_scale = 1.0
+        self.noise = float(getattr(cfg, "noise_threshold", NOISE_THRESHOLD))
+        self.dense_dtype = dense_dtype
+        self.dense_choice: Optional[dict] = None
 
-    # ------------------------------------------------------------------ verification
-    def verify(self, impl: Impl, wl: Workload, label: Optional[str] = None,
-               row_of: Optional[Problem] = None) -> Measurement:
-        """Build ``impl`` for the workload, run it once and compare with the oracle (``row_of``: the
-        problem whose row this is, when the workload is another one, as for Large-Sparse's dense r0)."""
-        p = row_of or wl.problem
-        name = label or impl.name
-        dtype = impl.dtype(wl)
-        m = Measurement(name, impl.kind, dtype_name(dtype), sparse_weights=impl.sparse_weights,
-                        flops=wl.useful_flops, bytes=wl.bytes_moved(dtype, impl.sparse_weights))
-        try:
-            built = impl.build(wl)
-            t0 = time.perf_counter()
-            outputs = run_outputs(built, wl)
-            if wl.device.type == "cuda":
-                torch.cuda.synchronize()
-            m.verify_s = time.perf_counter() - t0
-        except NotApplicable as exc:
-            m.status, m.reason = "n/a", str(exc)
-            return m
-        except Exception as exc:  # no kernel for this layout/dtype, unsupported op, ...
-            m.status, m.reason = "n/a", _short(exc)
-            return m
-        m.tol = TOLERANCE[dtype]
-        m.max_rel_err, m.worst_output = compare(outputs, wl.oracle())
-        del outputs
-        self.events.append(("verify", p.label(), name))
-        if not m.max_rel_err <= m.tol:
-            m.status = "wrong"
-            m.reason = f"{m.worst_output}: max relative error {m.max_rel_err:.3g} > tolerance {m.tol:.0e}"
-            return m
-        m.verified, m.built, m.workload = True, built, wl
-        return m
+    def settings(self) -> TimerSettings:
+        cfg, s = self.cfg, self.scale
+        if s >= 1:
+            return TimerSettings(cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_time)
+        return TimerSettings(0, cfg.repeats, max(min(3, cfg.min_repeats), round(cfg.min_repeats * s)), cfg.max_time * s)
 
-    # ------------------------------------------------------------------ timing
-    def time_verified(self, p: Problem, ms: List[Measurement]) -> None:
-        """Time every verified measurement of a problem together (interleaved)."""
-        todo = [m for m in ms if m.status == "ok" and m.verified and m.timing is None]
-        steps = []
-        for m in list(todo):
-            try:
-                steps.append((make_step(m.built, m.workload), m.workload.n_buffers))
-            except Exception as exc:
-                m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
-                todo.remove(m)
-        for m in todo:
-            self.events.append(("time", p.label(), m.impl))
-        cfg = self.cfg
-        try:
-            min_repeats = cfg.min_repeats if self.scale >= 1 else max(min(3, cfg.min_repeats),
-                                                                     round(cfg.min_repeats * self.scale))
-            # Over budget: the verification call (already a warm-up) estimates the cost, no extra warm-up.
-            warmup = cfg.warmup if self.scale >= 1 else 0
-            timings = measure_many(steps, p.device, warmup, cfg.repeats, min_repeats, cfg.max_time * self.scale,
-                                   costs=[m.verify_s for m in todo])
-        except Exception as exc:
-            for m in todo:
-                m.status, m.reason = "n/a", "failed while timing: " + _short(exc)
-            return
-        for m, t in zip(todo, timings):
-            m.timing = t
+    # ------------------------------------------------------------------ the fastest dense dtype
+    def choose_dense_dtype(self, problems: List[Problem]) -> Optional[str]:
+        """Time torch dense in every candidate dtype (``BEST_DENSE_CANDIDATES`` and the sweep's dtypes) on
+        each op and mode of the first shape, interleaved, and keep the dtype with the lowest geometric
+        mean time: one "fastest dense" for the whole sweep, recorded in ``dense_choice``."""
+        if self.dense_dtype or not problems:
+            return self.dense_dtype
+        first = problems[0]
+        dtypes = list(dict.fromkeys([p.dtype for p in problems] +
+                                    list(BEST_DENSE_CANDIDATES.get(first.device.split(":")[0], ()))))
+        combos = list(dict.fromkeys((p.op, p.mode) for p in problems if (p.n, p.d, p.r) == (first.n, first.d, first.r)))
+        times: Dict[str, Dict[str, float]] = {dt: {} for dt in dtypes}
+        for op, mode in combos:
+            p = Problem("dense-choice", op, mode, first.n, first.d, first.r, 0.0, "csr", (1, 1), first.dtype,
+                        first.device, activation=first.activation)
+            wl = Workload(p, seed=self.cfg.seed, buffers=self.cfg.buffers)
+            case = Case(f"dense dtype choice: {p.label()}", {}, [impl_candidate(TorchDense(dt), wl, f"torch-dense {dt}")
+                                                                 for dt in dtypes],
+                        wl.reference, wl.n_buffers, f"torch-dense {first.dtype}", device=p.device)
+            ms = [verify(c, case, self.events) for c in case.candidates]
+            time_together(ms, case, self.settings(), self.events)
+            for dt, m in zip(dtypes, ms):
+                if m.timing is not None:
+                    times[dt][f"{op} {mode}"] = m.timing.median_s * 1e3
+        full = {dt: t for dt, t in times.items() if t and len(t) == len(combos)}
+        if not full:
+            self.dense_dtype = first.dtype
+            why = "no dense dtype could be timed on every op: the problem's own dtype"
+        else:
+            geo = {dt: math.exp(sum(math.log(v) for v in t.values()) / len(t)) for dt, t in full.items()}
+            self.dense_dtype = min(geo, key=geo.get)
+            why = (f"lowest geometric mean of the medians over {', '.join(times[self.dense_dtype])} at "
+                   f"N={first.n} d={first.d} r={first.r}")
+        self.dense_choice = {"dtype": self.dense_dtype, "median_ms": times, "method": why}
+        return self.dense_dtype
 
     # ------------------------------------------------------------------ one problem
     def run_problem(self, p: Problem, tick=lambda n=1: None) -> List[dict]:
         wl = Workload(p, seed=self.cfg.seed, buffers=self.cfg.buffers)
-        results: List[Measurement] = [self.verify(impl, wl) for impl in self.impls]
-        # The fastest dense option on this device: the same masked weights in other dtypes (the
-        # problem's own dtype is the torch-dense row itself).
-        dense = next((m for m in results if m.impl == "torch-dense"), None)
-        cands = [self.verify(TorchDense(dt), wl, label="torch-dense-best")
-                 for dt in BEST_DENSE_CANDIDATES.get(p.device.split(":")[0], ()) if dt != p.dtype]
-        extra: List[Measurement] = []
+        cands = [impl_candidate(impl, wl) for impl in self.impls]
+        best_dt = self.dense_dtype or p.dtype
+        if best_dt != p.dtype:
+            cands.append(impl_candidate(TorchDense(best_dt), wl, "torch-dense-best"))
+        n_extra = 0
         if p.k > 1 and p.r0:
             # Large-Sparse: the dense adapter of bottleneck r0 (same nonzeros) is the target to match.
             small = dataclasses.replace(p, r=p.r0, sparsity=0.0, k=1, r0=0)
             swl = Workload(small, seed=self.cfg.seed, buffers=self.cfg.buffers)
-            extra.append(self.verify(TorchDense(), swl, label=f"torch-dense r={p.r0}", row_of=p))
-        self.time_verified(p, results + cands + extra)
-        pool = [m for m in cands + ([dense] if dense else []) if m.status == "ok" and m.timing is not None]
-        if pool:
-            best = dataclasses.replace(min(pool, key=lambda m: m.timing.median_s), impl="torch-dense-best")
-        else:
-            best = cands[0] if cands else Measurement("torch-dense-best", "baseline", p.dtype, status="n/a",
-                                                      reason="no dense timing")
-        results.append(best)
-        results += extra
-        for m in results + cands:
-            m.built = m.workload = None
-        rows = self._rows(p, wl, results)
-        tick(len(self.impls) + 1 + len(extra))
+            cands.append(impl_candidate(TorchDense(), swl, f"torch-dense r={p.r0}", own_reference=True))
+            n_extra = 1
+        case = Case(p.label(), {}, cands, wl.reference, wl.n_buffers, "torch-dense", device=p.device)
+        ms = [verify(c, case, self.events) for c in cands]
+        time_together(ms, case, self.settings(), self.events, scaled=self.scale < 1)
+        for m in ms:
+            m.ready = None
+        if best_dt == p.dtype:   # the problem's own dtype is the fastest dense: the torch-dense row itself
+            dense = next(m for m in ms if m.impl == "torch-dense")
+            ms.insert(len(self.impls), dataclasses.replace(dense, impl="torch-dense-best"))
+        rows = self._rows(p, wl, ms)
+        tick(len(self.impls) + 1 + n_extra)
         return rows
 
-    def _rows(self, p: Problem, wl: Workload, results: List[Measurement]) -> List[dict]:
-        dense = next((m for m in results if m.impl == "torch-dense" and m.timing), None)
-        best = next((m for m in results if m.impl == "torch-dense-best" and m.timing), None)
-        base = {**p.as_dict(), "block_size": f"{p.block_size[0]}x{p.block_size[1]}",
-                "actual_sparsity": round(wl.actual_sparsity, 6), "nnz": wl.nnz, "numel": wl.numel,
-                "ideal_speedup": wl.numel / wl.nnz}
+    def _rows(self, p: Problem, wl: Workload, ms: List[Measurement]) -> List[dict]:
+        dense = next((m for m in ms if m.impl == "torch-dense" and m.timing), None)
+        best = next((m for m in ms if m.impl == "torch-dense-best" and m.timing), None)
+        small = next((m for m in ms if p.k > 1 and m.impl == f"torch-dense r={p.r0}" and m.timing), None)
+        base = problem_key(p, wl)
         rows = []
-        for m in results:
+        for m in ms:
             row = dict(base)
             row.update(impl=m.impl, kind=m.kind, impl_dtype=m.impl_dtype, status=m.status, reason=m.reason,
-                       verified=m.verified, max_rel_err=m.max_rel_err, tol=m.tol, flops=m.flops, bytes=m.bytes)
-            t = m.timing
-            if t is not None and m.status == "ok":
-                row.update(median_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, q1_ms=t.q1_s * 1e3,
-                           q3_ms=t.q3_s * 1e3, repeats=t.repeats,
-                           speedup=(dense.timing.median_s / t.median_s) if dense else float("nan"),
-                           speedup_vs_best=(best.timing.median_s / t.median_s) if best else float("nan"),
-                           gflops=m.flops / t.median_s / 1e9, gbps=m.bytes / t.median_s / 1e9)
-            else:
-                row.update(median_ms=float("nan"), min_ms=float("nan"), q1_ms=float("nan"), q3_ms=float("nan"),
-                           repeats=0, speedup=float("nan"), speedup_vs_best=float("nan"),
-                           gflops=float("nan"), gbps=float("nan"))
+                       verified=m.verified, max_rel_err=m.max_rel_err, tol=m.tol, baseline="torch-dense",
+                       best_dtype=self.dense_dtype or p.dtype, **m.fields, **timing_fields(m))
+            ok = m.timing is not None and m.status == "ok"
+            row.update(ratio_fields(m, dense if ok else None, noise=self.noise))
+            row.update(ratio_fields(m, best if ok else None, "speedup_vs_best", self.noise))
+            if p.k > 1:
+                row.update(ratio_fields(m, small if ok else None, "speedup_vs_r0", self.noise))
+            t = m.timing.median_s if ok else float("nan")
+            row.update(gflops=m.fields.get("flops", 0) / t / 1e9 if ok else float("nan"),
+                       gbps=m.fields.get("bytes", 0) / t / 1e9 if ok else float("nan"))
             rows.append(row)
         return rows
 
@@ -215,10 +193,11 @@ class Runner:
         return 2.0 * p.n * numel * (3 if p.mode == "fwdbwd" else 1) + 2.0 * 4096 * 768 * 64
 
     def run(self, problems: Optional[List[Problem]] = None) -> List[dict]:
-        """Run the problems. With ``cfg.time_budget`` > 0, when the time spent so far projects past the
-        budget, the time per measurement (and the minimum number of calls, down to 3) shrinks; the
-        factor is recorded in every row (``budget_scale``)."""
+        """Choose the dense dtype, then run the problems. With ``cfg.time_budget`` > 0, when the time spent
+        so far projects past the budget, the time per measurement (and the minimum number of calls, down
+        to 3) shrinks; the factor is recorded in every row (``budget_scale``)."""
         problems = all_problems(self.cfg) if problems is None else problems
+        self.choose_dense_dtype(problems)
         rows: List[dict] = []
         from tqdm.auto import tqdm
 
@@ -242,6 +221,8 @@ class Runner:
                 for row in new_rows:
                     row["budget_scale"] = round(self.scale, 3)
                 rows += new_rows
+                if self.on_rows is not None:
+                    self.on_rows(new_rows)
         finally:
             bar.close()
         return rows
@@ -253,7 +234,3 @@ def failures(rows: List[dict]) -> List[dict]:
 
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def elapsed_since(t0: float) -> float:
-    return time.perf_counter() - t0

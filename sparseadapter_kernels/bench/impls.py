@@ -1,7 +1,8 @@
 """The implementations every benchmark row compares.
 
 Baselines (always): ``torch-dense`` (``F.linear`` on the masked weight, the problem's dtype),
-``torch-dense-best`` (the fastest dense dtype on this device, e.g. bf16 on an AVX512-BF16 CPU),
+``torch-dense-best`` (the fastest dense dtype on this device, measured once per sweep, e.g. bf16 on an
+AVX512-BF16 CPU),
 ``reference`` (the dense-mask path, what the official SparseAdapter code does) and ``torch.sparse``
 (CSR/BSR tensors; n/a where torch has no kernel). Our backends (``cpu``, ``cuda``, ``triton``) are
 discovered at run time from :func:`sparseadapter_kernels.backend_status`.
@@ -21,6 +22,7 @@ import torch
 
 from .. import ops
 from ..backends import KERNEL_BACKENDS, backend_status
+from .case import NotApplicable  # noqa: F401  (raised by implementations; re-exported)
 from .workload import Workload, activation, dense_forward
 
 # torch.sparse's beta notices would be repeated for every row.
@@ -29,13 +31,9 @@ for _pattern in ("Sparse CSR tensor support is in beta", "Sparse BSR tensor supp
     warnings.filterwarnings("ignore", message=_pattern + ".*")
 
 BASELINES = ("torch-dense", "torch-dense-best", "reference", "torch.sparse")
-# Dense dtypes tried for "torch-dense-best" per device (fp16 is slow on CPUs: only on GPUs).
+# Dense dtypes tried for "torch-dense-best" per device (fp16 is slow on CPUs: only on GPUs); the sweep
+# measures them once and uses the fastest for every row.
 BEST_DENSE_CANDIDATES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "bfloat16", "float16")}
-
-
-class NotApplicable(Exception):
-    """The implementation cannot run this problem (reported as n/a with the reason)."""
-
 
 @dataclass
 class Built:
@@ -66,41 +64,63 @@ def _grad_names(wl: Workload, dense_grads: List[torch.Tensor], bias_grads: List[
 
 
 def _biases(wl: Workload, dtype: torch.dtype, grad: bool) -> List[Optional[torch.Tensor]]:
-    return [None if b is None else b.to(dtype).requires_grad_(grad) for b in wl.biases64]
+    return [None if b is None else b.detach().to(dtype, copy=True).requires_grad_(grad) for b in wl.biases64]
 
 
 class TorchDense(Impl):
-    """``F.linear`` on the dense masked weight (the unfused adapter for the layer)."""
+    """``F.linear`` on the dense masked weight (the unfused adapter for the layer); with ``mask_each_call``,
+    dense weights times dense masks on every call (``dense_mask``: what the official SparseAdapter code
+    does while training)."""
 
     kind = "baseline"
     sparse_weights = False
 
-    def __init__(self, dtype: Optional[str] = None, name: str = "torch-dense"):
+    def __init__(self, dtype: Optional[str] = None, name: str = "torch-dense", mask_each_call: bool = False,
+                 adapter: Optional[Callable] = None):
         self._dtype = dtype
         self.name = name
+        self.mask_each_call = mask_each_call
+        self.adapter = adapter   # adapter(x, w_down, w_up, b_down, b_up, residual, activation, scale) for the layer
 
     def dtype(self, wl: Workload) -> torch.dtype:
         return getattr(torch, self._dtype) if self._dtype else wl.dtype
 
     def build(self, wl: Workload) -> Built:
         dtype, grad = self.dtype(wl), wl.problem.mode == "fwdbwd"
-        ws = [w.to(dtype).requires_grad_(grad) for w in wl.weights64]
+        ws = [w.detach().to(dtype, copy=True).requires_grad_(grad) for w in wl.weights64]
         bs = _biases(wl, dtype, grad)
         n_w = len(ws)
 
         def named(grads):
             return _grad_names(wl, [g * m for g, m in zip(grads[:n_w], wl.masks)], list(grads[n_w:]))
 
-        return Built(lambda x: dense_forward(wl.problem, x, ws, bs), ws + [b for b in bs if b is not None], named, dtype)
+        p = wl.problem
+        if self.mask_each_call:
+            masks = [m.to(dtype) for m in wl.masks]
+
+            def fwd(x):
+                return dense_forward(p, x, [w * m for w, m in zip(ws, masks)], bs)
+        elif self.adapter is not None and p.op == "adapter":
+            call = self.adapter
+
+            def fwd(x):
+                return call(x, ws[0], ws[1], bs[0], bs[1], x if p.residual else None, p.activation, p.scale)
+        else:
+            def fwd(x):
+                return dense_forward(wl.problem, x, ws, bs)
+
+        return Built(fwd, ws + [b for b in bs if b is not None], named, dtype)
 
 
 class SparseOps(Impl):
-    """``ops.sparse_linear`` / the fused ``ops.sparse_adapter`` on SparseWeight, one backend."""
+    """``ops.sparse_linear`` / the fused ``ops.sparse_adapter`` on SparseWeight, one backend (or, for the
+    layer, ``adapter(x, down, up, b_down, b_up, residual, activation, scale)``: a backend's entry point)."""
 
-    def __init__(self, backend: str):
-        self.name = backend
+    def __init__(self, backend: str, name: Optional[str] = None, adapter: Optional[Callable] = None):
+        self.name = name or backend
         self.backend = backend
         self.kind = "baseline" if backend == "reference" else "backend"
+        self.adapter = adapter
 
     def build(self, wl: Workload) -> Built:
         p, grad = wl.problem, wl.problem.mode == "fwdbwd"
@@ -111,10 +131,11 @@ class SparseOps(Impl):
         if p.op == "adapter":
             down, up = sws
             bd, bu = bs
+            call = self.adapter or (lambda x, dn, u, b1, b2, res, act, scale: ops.sparse_adapter(
+                x, dn, u, b1, b2, activation=act, scale=scale, residual=res, backend=backend))
 
             def fwd(x):
-                return ops.sparse_adapter(x, down, up, bd, bu, activation=p.activation, scale=p.scale,
-                                          residual=x, backend=backend)
+                return call(x, down, up, bd, bu, x if p.residual else None, p.activation, p.scale)
         else:
             w0 = sws[0]
 
@@ -151,7 +172,8 @@ class TorchSparse(Impl):
         if p.op == "adapter":
             def fwd(x):
                 o = lin(1, activation(lin(0, x), p.activation))
-                return x + (o * p.scale if p.scale != 1.0 else o)
+                o = o * p.scale if p.scale != 1.0 else o
+                return x + o if p.residual else o
         else:
             def fwd(x):
                 return lin(0, x)

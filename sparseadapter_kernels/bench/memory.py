@@ -42,7 +42,9 @@ def checkpoint_bytes(tensors: Dict[str, torch.Tensor]) -> int:
 
 
 def weight_rows(cfg: SweepConfig) -> List[dict]:
-    """Per layout and sparsity (and Large-Sparse k): weight and checkpoint bytes, dense vs sparse."""
+    """Per layout and sparsity (and Large-Sparse k): weight and checkpoint bytes, dense vs sparse. The sparse
+    checkpoint holds what ``integration.save_adapters`` stores: the values, the int32 structure unless
+    the projection is fully dense (then the values alone say it all), and the biases."""
     from ..formats import SparseWeight
 
     n, d, r0 = cfg.shapes[0]
@@ -64,8 +66,9 @@ def weight_rows(cfg: SweepConfig) -> List[dict]:
                 b = torch.randn(shape[0], generator=gen).to(dtype)
                 sw = SparseWeight.from_dense(w, mask, layout=layout, block_size=block if layout == "bsr" else None)
                 dense_t[f"{name}.weight"], dense_t[f"{name}.bias"] = w * mask, b
-                sparse_t.update({f"{name}.values": sw.values, f"{name}.crow_indices": sw.crow_indices,
-                                 f"{name}.col_indices": sw.col_indices, f"{name}.bias": b})
+                sparse_t.update({f"{name}.values": sw.values, f"{name}.bias": b})
+                if sw.nnz < w.numel():   # as save_adapters: a projection with nothing pruned stores values only
+                    sparse_t.update({f"{name}.crow_indices": sw.crow_indices, f"{name}.col_indices": sw.col_indices})
                 dense_bytes += w.numel() * w.element_size()
                 sparse_bytes += sw.nbytes
                 sparse_bytes_t += sw.nbytes_with_transpose

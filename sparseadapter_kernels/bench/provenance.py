@@ -1,4 +1,6 @@
-"""Where and how a benchmark ran: machine, versions, commit, date, command line."""
+"""Where and how a benchmark ran: machine (CPU model, vendor family/model numbers, flags, the ISA the
+kernels report they run: ``machine.cpu_info()``, never a guess from the flags), GPU, versions, commit,
+date, load average, allocator, the environment knobs of the kernels, command line."""
 from __future__ import annotations
 
 import datetime
@@ -13,6 +15,12 @@ from typing import List, Optional
 import torch
 
 from ..machine import cpu_info
+
+# Environment variables that change what the kernels or the timings do.
+ENV_KNOBS = ("SAK_CPU_ISA", "SAK_CPU_TILE", "SAK_TRITON_WGRAD", "SAK_TUNING_CACHE", "TRITON_INTERPRET", "OMP_NUM_THREADS",
+             "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+             "THP_MEM_ALLOC_ENABLE", "CUDA_VISIBLE_DEVICES")
+
 
 def _version(dist: str) -> Optional[str]:
     try:
@@ -33,8 +41,9 @@ def git_info() -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
-def collect(argv: Optional[List[str]] = None, device: str = "cpu") -> dict:
-    """Provenance of a run; ``argv`` are the arguments given to ``sparseadapter-bench``."""
+def collect(argv: Optional[List[str]] = None, device: str = "cpu", allocator: Optional[str] = None) -> dict:
+    """Provenance of a run; ``argv`` are the arguments given to ``sparseadapter-bench``, ``allocator``
+    what :func:`~.timing.steady_allocator` did."""
     from .._version import __version__
     from ..backends import backend_status
 
@@ -63,4 +72,6 @@ def collect(argv: Optional[List[str]] = None, device: str = "cpu") -> dict:
         "sparseadapter_kernels": __version__,
         **git_info(),
         "backends": {name: {"usable": ok, "reason": why} for name, (ok, why) in backend_status().items()},
+        "allocator": allocator,
+        "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ},
     }

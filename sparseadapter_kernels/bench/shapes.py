@@ -1,4 +1,4 @@
-"""Benchmark problems: the default sweep (docs/method.md), shared by the CLI and ``benchmarks/``.
+"""Benchmark problems: the default sweep (docs/method.md), shared by the CLI, the suites and ``benchmarks/``.
 
 A :class:`Problem` is one row group of the results: an op (``down`` / ``up`` projection or the whole
 ``adapter`` layer), a mode (``fwd`` or ``fwdbwd``), a shape, a sparsity, a layout and a dtype. Every
@@ -10,6 +10,7 @@ Conventions (as in ``formats.py``): ``down`` is ``[r, d]`` (x ``[N, d]`` -> ``[N
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
@@ -43,6 +44,9 @@ DEFAULT_WARMUP = 1   # the verification call already ran the code path once
 DEFAULT_REPEATS = 50
 DEFAULT_MIN_REPEATS = 5
 DEFAULT_MAX_TIME = 0.25
+# A ratio whose spread (interquartile range / median of its paired per-round ratios) is wider than this is
+# flagged as noisy (marked ~ in the tables, drawn hollow in the plots).
+DEFAULT_NOISE_THRESHOLD = 0.15
 # The CLI's time budget for a whole run (the timed sweep gets it minus a reserve for the memory suite
 # and the plots): `make bench`, build included, must finish within 10 minutes on the 2-core
 # development machine, even a busy one. A quiet machine needs about 3.5 minutes without cuts.
@@ -52,6 +56,9 @@ BUDGET_RESERVE_S = {"memory": 45.0, "plots": 10.0}
 # --quick: a reduced sweep (about a minute on the 2-core development machine).
 QUICK = dict(sparsities=(0.5, 0.9), ops=("down", "adapter"), large_sparse_k=(4,), token_sweep=(1024, 4096),
              warmup=1, repeats=20, min_repeats=3, max_time=0.1)
+# --smoke: tiny shapes, 3 rounds: proves the sweep starts and writes its files (its numbers mean nothing).
+SMOKE = dict(QUICK, shapes=[SHAPE_PRESETS["tiny"]], token_sweep=(32, 64), large_sparse_k=(2,), warmup=0, repeats=3,
+             min_repeats=3, max_time=1e-4)
 
 DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
                  "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -63,7 +70,7 @@ DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "flo
 class Problem:
     """One benchmark problem; every implementation of a row group runs exactly this."""
 
-    suite: str                     # "main" | "large-sparse" | "tokens" | "memory"
+    suite: str                     # "main" | "large-sparse" | "tokens" | "memory" | a named suite
     op: str                        # "down" | "up" | "adapter"
     mode: str                      # "fwd" | "fwdbwd"
     n: int                         # tokens
@@ -78,6 +85,8 @@ class Problem:
     r0: int = 0                    # Large-Sparse: the dense bottleneck with the same nonzeros
     activation: str = DEFAULT_ACTIVATION
     scale: float = DEFAULT_SCALE
+    bias: bool = True              # the adapter's biases (the projections never have one)
+    residual: bool = True          # the adapter adds its input x
 
     @property
     def weight_shapes(self) -> List[Tuple[int, int]]:
@@ -95,8 +104,8 @@ class Problem:
 
     @property
     def has_bias(self) -> bool:
-        """Adapters carry biases; the single projections are the bare product."""
-        return self.op == "adapter"
+        """Adapters carry biases (unless ``bias=False``); the single projections are the bare product."""
+        return self.op == "adapter" and self.bias
 
     def key(self) -> Tuple:
         return (self.suite, self.op, self.mode, self.layout, self.dtype, self.n, self.d, self.r, self.k,
@@ -139,6 +148,7 @@ class SweepConfig:
     seed: int = 0
     torch_sparse: bool = True        # time the torch.sparse baseline
     time_budget: float = 0.0         # seconds for the timed sweep; 0 = no limit (the CLI derives it)
+    noise_threshold: float = DEFAULT_NOISE_THRESHOLD
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -163,31 +173,18 @@ def blocking_problem(n: int, d: int, r: int, block_size: Sequence[int]) -> str:
 
 def main_problems(cfg: SweepConfig) -> List[Problem]:
     """Main suite: every op x mode x layout x sparsity x dtype x shape."""
-    out = []
-    for (n, d, r) in cfg.shapes:
-        for dtype in cfg.dtypes:
-            for op in cfg.ops:
-                for mode in cfg.modes:
-                    for layout in cfg.layouts:
-                        for s in cfg.sparsities:
-                            out.append(Problem("main", op, mode, n, d, r, float(s), layout,
-                                               block_for(layout, cfg.block_size), dtype, cfg.device,
-                                               activation=cfg.activation))
-    return out
+    return [Problem("main", op, mode, n, d, r, float(s), layout, block_for(layout, cfg.block_size), dtype,
+                    cfg.device, activation=cfg.activation)
+            for (n, d, r), dtype, op, mode, layout, s
+            in itertools.product(cfg.shapes, cfg.dtypes, cfg.ops, cfg.modes, cfg.layouts, cfg.sparsities)]
 
 
 def large_sparse_problems(cfg: SweepConfig) -> List[Problem]:
     """Large-Sparse: the adapter layer at r = k * r0 and sparsity 1 - 1/k (same nonzeros as dense r0)."""
-    out = []
-    for (n, d, r0) in cfg.shapes:
-        for dtype in cfg.dtypes:
-            for mode in cfg.modes:
-                for layout in cfg.layouts:
-                    for k in cfg.large_sparse_k:
-                        out.append(Problem("large-sparse", "adapter", mode, n, d, k * r0, 1.0 - 1.0 / k, layout,
-                                           block_for(layout, cfg.block_size), dtype, cfg.device, k=k, r0=r0,
-                                           activation=cfg.activation))
-    return out
+    return [Problem("large-sparse", "adapter", mode, n, d, k * r0, 1.0 - 1.0 / k, layout,
+                    block_for(layout, cfg.block_size), dtype, cfg.device, k=k, r0=r0, activation=cfg.activation)
+            for (n, d, r0), dtype, mode, layout, k
+            in itertools.product(cfg.shapes, cfg.dtypes, cfg.modes, cfg.layouts, cfg.large_sparse_k)]
 
 
 def token_problems(cfg: SweepConfig) -> List[Problem]:
@@ -195,14 +192,9 @@ def token_problems(cfg: SweepConfig) -> List[Problem]:
     if not cfg.shapes:
         return []
     _, d, r = cfg.shapes[0]
-    out = []
-    for dtype in cfg.dtypes[:1]:
-        for layout in cfg.layouts:
-            for n in cfg.token_sweep:
-                out.append(Problem("tokens", "adapter", "fwd", n, d, r, TOKEN_SWEEP_SPARSITY, layout,
-                                   block_for(layout, cfg.block_size), dtype, cfg.device,
-                                   activation=cfg.activation))
-    return out
+    return [Problem("tokens", "adapter", "fwd", n, d, r, TOKEN_SWEEP_SPARSITY, layout,
+                    block_for(layout, cfg.block_size), dtype, cfg.device, activation=cfg.activation)
+            for dtype, layout, n in itertools.product(cfg.dtypes[:1], cfg.layouts, cfg.token_sweep)]
 
 
 def all_problems(cfg: SweepConfig) -> List[Problem]:

@@ -1,4 +1,5 @@
-"""Timing: warm-up, then many calls on rotating input buffers, median (CUDA events on a GPU)."""
+"""The timer of every benchmark: interleaved round-robin over the candidates of one case, with the
+order reversed every other round, on rotating inputs (CUDA events on a GPU), and paired per-round ratios."""
 from __future__ import annotations
 
 import ctypes
@@ -7,8 +8,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +37,16 @@ def steady_allocator() -> str:
     return "; ".join(done) or "default"
 
 
+def quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
+    """``(q1, median, q3)`` (the extremes stand in for the quartiles below 4 values)."""
+    s = sorted(values)
+    if len(s) >= 4:
+        q1, _, q3 = statistics.quantiles(s, n=4)
+    else:
+        q1, q3 = s[0], s[-1]
+    return q1, statistics.median(s), q3
+
+
 @dataclass
 class Timing:
     median_s: float
@@ -43,35 +54,75 @@ class Timing:
     q1_s: float
     q3_s: float
     repeats: int
+    samples: List[float] = field(default_factory=list, repr=False)   # seconds, one per round, in order
 
     @classmethod
     def from_samples(cls, samples: List[float]) -> "Timing":
-        s = sorted(samples)
-        if len(s) >= 4:
-            q1, _, q3 = statistics.quantiles(s, n=4)
-        else:
-            q1, q3 = s[0], s[-1]
-        return cls(statistics.median(s), s[0], q1, q3, len(s))
+        q1, med, q3 = quartiles(samples)
+        return cls(med, min(samples), q1, q3, len(samples), list(samples))
+
+
+class Ratio(NamedTuple):
+    """``baseline time / candidate time`` over the rounds both ran (>1: the candidate is faster)."""
+
+    median: float
+    q1: float
+    q3: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the per-round ratios relative to their median (0.1 = 10%)."""
+        return (self.q3 - self.q1) / self.median if self.median > 0 else float("inf")
+
+
+def paired_ratio(baseline: Timing, candidate: Timing) -> Ratio:
+    """Median and quartiles of the per-round ratios: round ``i`` of both ran back to back, so a slow phase
+    of the machine scales both sides of the same ratio instead of one median."""
+    pairs = [b / c for b, c in zip(baseline.samples, candidate.samples) if c > 0]
+    if not pairs:   # no samples kept: the ratio of medians
+        r = baseline.median_s / candidate.median_s
+        return Ratio(r, r, r, 0)
+    q1, med, q3 = quartiles(pairs)
+    return Ratio(med, q1, q3, len(pairs))
+
+
+@dataclass
+class TimerSettings:
+    """How long to time one case: ``warmup`` untimed calls per candidate, then rounds of one call each,
+    as many as fit in ``max_time`` seconds per candidate, between ``min_repeats`` and ``repeats``."""
+
+    warmup: int = 1
+    repeats: int = 50
+    min_repeats: int = 5
+    max_time: float = 0.25
+
+    @classmethod
+    def fixed(cls, repeats: int, warmup: int) -> "TimerSettings":
+        """Exactly ``repeats`` rounds (the named suites: the same count for every case)."""
+        return cls(warmup=warmup, repeats=repeats, min_repeats=repeats, max_time=float("inf"))
 
 
 def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: str, warmup: int = 2,
                  repeats: int = 50, min_repeats: int = 5, max_time: float = 0.3,
-                 costs: Optional[Sequence[float]] = None) -> List[Timing]:
+                 costs: Optional[Sequence[float]] = None, alternate: bool = False) -> List[Timing]:
     """Time several implementations of one problem *interleaved*; one :class:`Timing` per step.
 
     ``steps`` are ``(step, n_buffers)``: ``step(i)`` runs one call on input buffer ``i``. Each step
     first gets ``warmup`` untimed calls (at least one, unless ``costs`` already estimates the seconds
-    per call of each step, e.g. from a verification call), which also estimate its cost; it is then timed
-    ``clamp(max_time / cost, min_repeats, repeats)`` times, cycling through its input buffers so no
-    call finds its inputs hot from the previous one. The timed calls run round-robin (A B C A B C
-    ...), so a burst of load from elsewhere on the machine hits every implementation of the row
-    alike instead of skewing one ratio. The garbage collector is off while timing. On CUDA every call
-    is bracketed by CUDA events.
+    per call of each step, e.g. from a verification call), which also estimate its cost. Then every
+    step runs the same number of rounds, ``clamp(max_time * steps / cost of a round, min_repeats,
+    repeats)``, one call per step per round (A B C A B C ...; with ``alternate``, the order reverses
+    every other round, A B C C B A ..., so no step always runs first or right after the same one), so
+    a burst of load elsewhere on the machine hits every implementation of the row alike and round
+    ``i`` of two steps can be paired (:func:`paired_ratio`). A running count of timed calls picks the
+    input buffer, so no call finds its input hot from the call before it. The garbage collector is off
+    while timing. On CUDA every call is bracketed by CUDA events.
     """
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    counts = []
     offset = warmup if (costs is not None and warmup == 0) else max(1, warmup)
+    per_call = []
     for k, (step, n_buffers) in enumerate(steps):
         seen = [] if costs is None else [costs[k]]
         sync()
@@ -80,18 +131,21 @@ def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: s
             step(i % n_buffers)
             sync()
             seen.append(time.perf_counter() - t0)
-        cost = max(min(seen), 1e-7)
-        counts.append(max(1, int(max(min_repeats, min(repeats, max_time / cost)))))
+        per_call.append(max(min(seen), 1e-7))
+    round_cost = sum(per_call)
+    rounds = max(1, int(max(min_repeats, min(repeats, max_time * len(steps) / round_cost)))) if steps else 0
     samples: List[List[float]] = [[] for _ in steps]
+    order = list(range(len(steps)))
     gc_was_enabled = gc.isenabled()
     gc.disable()   # (no gc.collect(): a full collection with torch loaded costs 50-500 ms)
     try:
         events = [] if cuda else None
-        for rnd in range(max(counts, default=0)):
-            for k, (step, n_buffers) in enumerate(steps):
-                if rnd >= counts[k]:
-                    continue
-                j = (offset + rnd) % n_buffers
+        call = offset
+        for rnd in range(rounds):
+            for k in (order[::-1] if alternate and rnd % 2 else order):
+                step, n_buffers = steps[k]
+                j = call % n_buffers
+                call += 1
                 if cuda:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()

@@ -14,14 +14,10 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..formats import SparseWeight
+from .case import Reference, dtype_name  # noqa: F401  (dtype_name: re-exported)
 from .shapes import Problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-# Verification tolerance per dtype: max |impl - oracle| / max |oracle| over each output (the oracle is
-# float64 math on the same dtype-rounded inputs). Loose enough for any summation order and for fp32
-# accumulation of low-precision inputs, tight enough to catch a wrong index or a dropped term.
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 # Rotating input buffers: at least this many bytes of x per measurement so caches do not flatter.
 ROTATE_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
@@ -30,10 +26,6 @@ MAX_BUFFERS = {"cpu": 8, "cuda": 16}
 
 def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def random_mask(shape, sparsity: float, block_size, generator: torch.Generator) -> torch.Tensor:
@@ -64,7 +56,7 @@ def dense_forward(problem: Problem, x: torch.Tensor, weights: List[torch.Tensor]
     o = F.linear(activation(h, problem.activation), weights[1], biases[1])
     if problem.scale != 1.0:
         o = o * problem.scale
-    return x + o
+    return x + o if problem.residual else o
 
 
 class Workload:
@@ -91,8 +83,7 @@ class Workload:
             self.sparse.append(SparseWeight.from_dense(w.to(self.dtype).to(self.device), mask.to(self.device),
                                                        layout=problem.layout, block_size=block))
         x_bytes = problem.n * problem.in_features * self.dtype.itemsize
-        dev = self.device.type
-        self.n_buffers = buffers or max(2, min(MAX_BUFFERS.get(dev, 8), math.ceil(ROTATE_BYTES.get(dev, 64 << 20) / x_bytes)))
+        self.n_buffers = buffers or n_buffers_for(x_bytes, self.device.type)
         # Inputs are drawn on the CPU (reproducible), rounded to the dtype once, then moved.
         src = torch.float64 if self.dtype == torch.float64 else torch.float32
         self._x = [torch.randn(problem.n, problem.in_features, generator=gen, dtype=src).to(self.dtype)
@@ -100,7 +91,7 @@ class Workload:
         self._dy = ([torch.randn(problem.n, problem.out_features, generator=gen, dtype=src).to(self.dtype)
                      for _ in range(self.n_buffers)] if problem.mode == "fwdbwd" else [])
         self._inputs: Dict = {}
-        self._oracle: Optional[Dict[str, torch.Tensor]] = None
+        self._reference: Optional[Reference] = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -151,64 +142,62 @@ class Workload:
                 del self._inputs[dtype]
 
     # ------------------------------------------------------------------ oracle
+    def dense_outputs(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """Plain dense PyTorch in ``dtype`` on buffer 0 (inputs rounded to the problem dtype first): y, and
+        for fwdbwd dx, the masked weight gradients dW* and the bias gradients db*. In float64 this is the
+        oracle; in the implementation's dtype it is PyTorch's own result ("lowp") of the tolerance rule."""
+        p = self.problem
+        x = self._x[0].detach().to(dtype).to(self.device)
+        ws = [w.detach().to(dtype) for w in self.weights64]     # (detach: never mark the stored tensors)
+        bs = [b.detach().to(dtype) if b is not None else None for b in self.biases64]
+        if p.mode == "fwd":
+            with torch.no_grad():
+                return {"y": dense_forward(p, x, ws, bs)}
+        leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws] + \
+            [b.requires_grad_() for b in bs if b is not None]
+        y = dense_forward(p, x, ws, bs)
+        grads = torch.autograd.grad(y, leaves, self._dy[0].to(dtype).to(self.device))
+        out = {"y": y.detach(), "dx": grads[0]}
+        for i, (g, m) in enumerate(zip(grads[1:1 + len(ws)], self.masks)):
+            out[f"dW{i}"] = g * m
+        for i, g in enumerate(grads[1 + len(ws):]):
+            out[f"db{i}"] = g
+        return out
+
     def oracle(self) -> Dict[str, torch.Tensor]:
         """float64 results on buffer 0 (inputs rounded to the problem dtype): y, and dx, dW*, db*."""
-        if self._oracle is None:
-            p = self.problem
-            x = self._x[0].detach().to(torch.float64).to(self.device)
-            ws = [w.clone() for w in self.weights64]
-            bs = [b.clone() if b is not None else None for b in self.biases64]
-            if p.mode == "fwd":
-                with torch.no_grad():
-                    self._oracle = {"y": dense_forward(p, x, ws, bs)}
-            else:
-                leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws] + [b.requires_grad_() for b in bs if b is not None]
-                y = dense_forward(p, x, ws, bs)
-                dy = self._dy[0].to(torch.float64).to(self.device)
-                grads = torch.autograd.grad(y, leaves, dy)
-                out = {"y": y.detach(), "dx": grads[0]}
-                for i, (g, m) in enumerate(zip(grads[1:1 + len(ws)], self.masks)):
-                    out[f"dW{i}"] = g * m
-                for i, g in enumerate(grads[1 + len(ws):]):
-                    out[f"db{i}"] = g
-                self._oracle = out
-        return self._oracle
+        return self.reference.oracle()
+
+    @property
+    def reference(self) -> Reference:
+        """The oracle and PyTorch's own results per dtype, each computed once."""
+        if self._reference is None:
+            self._reference = Reference(lambda: self.dense_outputs(torch.float64), self.dense_outputs)
+        return self._reference
 
 
-def compare(outputs: Dict[str, torch.Tensor], oracle: Dict[str, torch.Tensor]):
-    """``(max relative error, worst output name)``; inf when an output is missing or not finite.
-
-    The relative error of an output is ``max |out - oracle| / max |oracle|``. Low-precision outputs are
-    compared in float32 (the oracle's own float32 rounding, ~6e-8, is far below any tolerance).
-    """
-    worst, worst_name = 0.0, ""
-    for name, ref in oracle.items():
-        got = outputs.get(name)
-        if got is None or tuple(got.shape) != tuple(ref.shape):
-            return math.inf, f"{name} (missing or shape {None if got is None else tuple(got.shape)})"
-        got = got.detach()
-        cdt = torch.float64 if got.dtype == torch.float64 else torch.float32
-        ref_c = _cast_cached(ref, cdt)
-        scale = _absmax_cached(ref) or 1.0
-        err = float(torch.linalg.vector_norm(got.to(cdt) - ref_c, ord=math.inf)) / scale
-        if not math.isfinite(err):       # NaN/inf anywhere in the output
-            return math.inf, f"{name} (not finite)"
-        if err > worst:
-            worst, worst_name = err, name
-    return worst, worst_name
+def make_weight(shape, sparsity: float, dtype: torch.dtype, layout: str = "csr", block=None, device="cpu",
+                seed: int = 0, std: Optional[float] = None):
+    """``(SparseWeight, dense masked weight, bool mask)`` of a random ``[out, in]`` weight in ``dtype`` (std
+    ``1/sqrt(in)`` unless given) keeping exactly ``round((1 - sparsity) * blocks)`` random entries (CSR)
+    or blocks (BSR ``block``), never none: the weights of every named suite."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = (1, 1) if layout == "csr" else tuple(block)
+    mask = random_mask(shape, sparsity, bs, gen)
+    w = (torch.randn(shape, generator=gen) * (std if std is not None else 1.0 / math.sqrt(shape[1]))).to(dtype)
+    sw = SparseWeight.from_dense(w, mask, layout=layout, block_size=None if layout == "csr" else bs)
+    return sw.to(device), (w * mask).to(device), mask.to(device)
 
 
-def _cast_cached(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``ref.to(dtype)``, kept on the oracle tensor itself (freed with it)."""
-    if ref.dtype == dtype:
-        return ref
-    cache = ref.__dict__.setdefault("_bench_cast", {})
-    if dtype not in cache:
-        cache[dtype] = ref.to(dtype)
-    return cache[dtype]
+def random_inputs(shape, dtype: torch.dtype, n: int, device="cpu", seed: int = 1, requires_grad: bool = False):
+    """``n`` different random normal buffers, drawn on ``device`` (reproducible there)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_(requires_grad) for _ in range(n)]
 
 
-def _absmax_cached(ref: torch.Tensor) -> float:
-    if "_bench_absmax" not in ref.__dict__:
-        ref.__dict__["_bench_absmax"] = float(torch.linalg.vector_norm(ref, ord=math.inf))
-    return ref.__dict__["_bench_absmax"]
+def n_buffers_for(bytes_per_input: int, device: str, smoke: bool = False) -> int:
+    """Rotating buffers so one pass over them exceeds the caches (``ROTATE_BYTES``), 2 at least."""
+    if smoke:
+        return 2
+    dev = device.split(":")[0]
+    return max(2, min(MAX_BUFFERS.get(dev, 8), math.ceil(ROTATE_BYTES.get(dev, 64 << 20) / max(1, bytes_per_input))))
