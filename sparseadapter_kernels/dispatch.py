@@ -21,11 +21,14 @@ from .backends import backend_usable
 # CROSSOVER[(device_type, dtype, layout, op, backend)] = {n_min: density}: with at least n_min tokens,
 # the kernel runs up to that weight density (the entry with the largest n_min <= N applies).
 CROSSOVER: dict = {}
+CROSSOVER_SOURCES = ("benchmarks/results/cpu_crossover_2026-12-02b.json",
+                     "benchmarks/results/cpu_crossover_2026-12-02b_run2.json")
 
 # CPU C++ kernels (csrc/cpu), AMD EPYC (Zen 5, AVX-512 + AVX512-BF16), 2 cores, torch 2.13:
 # benchmarks/results/cpu_crossover_2026-12-02b.json and cpu_crossover_2026-12-02b_run2.json (two runs of
-# `python benchmarks/cpu_bench.py --suite crossover --reps 30` with the prepared-operand cache; the lower
-# of the two is kept). Each value is the highest density at which backend="cpu" beat dense math on a
+# the crossover suite, then `benchmarks/cpu_bench.py`, now `sparseadapter-bench --suite crossover`; the
+# lower of the two is kept), derived by sparseadapter_kernels.bench.suites.crossover.derive_crossover and
+# checked against this table by python_tests/test_bench_suites.py. Each value is the highest density at which backend="cpu" beat dense math on a
 # dense weight kept across calls (the fastest dense option, what "auto" runs above the crossover) by at
 # least 15% (median of interleaved repetitions) at every measured token count >= n_min (1, 16, 256,
 # 4096), both adapter projection shapes (64 x 768, 768 x 64), every block size measured (BSR: 16x16 and
