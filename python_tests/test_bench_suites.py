@@ -204,12 +204,12 @@ def test_every_named_suite_smoke_runs_and_writes_results(tmp_path, monkeypatch, 
 
     monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
     out = tmp_path / "out"
-    names = "projections,adapter,floor,crossover,tune,readme,gpu"
+    names = "projections,adapter,floor,crossover,tune,readme,model,gpu"
     assert bench_main.main(["--suite", names, "--smoke", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
     assert data["format"] == report.FORMAT
-    assert {r["suite"] for r in data["rows"]} >= {"projections", "adapter", "floor", "crossover", "tune", "hbm",
+    assert {r["suite"] for r in data["rows"]} >= {"projections", "adapter", "floor", "crossover", "tune", "model", "hbm",
                                                   "gpu-fused", "gpu-large", "gpu-products", "gpu-bert"}
     for r in data["rows"]:
         assert r["status"] != "wrong", r
@@ -228,6 +228,7 @@ def test_every_named_suite_smoke_runs_and_writes_results(tmp_path, monkeypatch, 
     assert data["acceptance_pass"] is None
     assert not (tmp_path / "tuning.json").exists()          # --smoke never stores
     assert "Acceptance figures" in text and "== Warnings" in text.split("wrote")[-1]
+    assert "== model: adapter overhead" in text and len(data["model_overheads"]) == 2
     assert bench_main.main(["--compare", str(out), str(out)]) == 0
 
 

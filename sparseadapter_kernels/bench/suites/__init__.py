@@ -36,6 +36,9 @@ SUITES: Dict[str, Tuple[str, str]] = {
                           "decision tables in the tuning cache (--tune; --smoke never stores)"),
     "readme": ("readme", "the README speed table (projections and adapter at 0.8/0.9, Large-Sparse): writes "
                          "readme_table.md"),
+    "model": ("model", "adapter overhead inside a BERT-base-width encoder (1x128, 8x128, 32x128 tokens; fwd, "
+                       "fwd+bwd; fp32, bf16): no adapters, dense Houlsby, the official dense-mask way at 0.8, ours at "
+                       "0.8, Large-Sparse k=4"),
     "hbm": ("gpu_common", "GPU copy bandwidth (the HBM floor's denominator) and a bf16 GEMM (the compute ceiling)"),
     "gpu-products": ("gpu_products", "CSR forward/dx/SDDMM (CUDA kernels) vs torch.sparse, cuBLAS, reference; BSR "
                                      "products (Triton) vs torch's bsr_dense_mm and cuBLAS"),
