@@ -15,27 +15,22 @@ pytestmark = pytest.mark.skipif(not os.path.exists(LIBRARY),
                                 reason=f"no CMake build at {LIBRARY} (run `make cmake-build`)")
 
 SCRIPT = r"""
+import sys
 import torch, sparseadapter_kernels as sak
-from sparseadapter_kernels import reference as ref
 from sparseadapter_kernels._extension import EXTENSION
 assert EXTENSION.loaded and EXTENSION.source == LIB, (EXTENSION.source, EXTENSION.error)
 assert EXTENSION.has_cpu and sak.backend_status()["cpu"][0]
-lib = torch.ops.sparseadapter_kernels
+sys.path.insert(0, "python_tests")
+from conftest import assert_kernel_close, randn, random_sparse
 g = torch.Generator().manual_seed(0)
-for layout, block, shape in (("csr", None, (40, 72)), ("bsr", (8, 24), (48, 96))):
-    w = torch.randn(shape, generator=g, dtype=torch.float64)
-    if layout == "csr":
-        mask = torch.rand(shape, generator=g) > 0.6
-    else:
-        mask = (torch.rand(shape[0] // 8, shape[1] // 24, generator=g) > 0.5).repeat_interleave(8, 0).repeat_interleave(24, 1)
+for layout, block, shape, sparsity in (("csr", None, (40, 72), 0.6), ("bsr", (8, 24), (48, 96), 0.5)):
+    w64, dense = random_sparse(shape, sparsity, torch.float64, layout=layout, block_size=block, generator=g)
     for dtype in (torch.float32, torch.float64):
-        sw = sak.SparseWeight.from_dense(w.to(dtype), mask, layout=layout, block_size=block)
-        x = torch.randn(37, shape[1], generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
-        y = sak.ops.sparse_linear(x, sw, backend="cpu")
-        expected = x.detach().double() @ (w * mask).T
-        torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+        x = randn(37, shape[1], dtype=dtype, generator=g).requires_grad_(True)
+        y = sak.ops.sparse_linear(x, w64.to(dtype), backend="cpu")
+        assert_kernel_close(y, x.detach().double() @ dense.T, dtype, what=f"{layout} forward")
         y.sum().backward()
-        torch.testing.assert_close(x.grad.double(), (w * mask).sum(0).expand(37, -1), atol=1e-4, rtol=1e-4)
+        assert_kernel_close(x.grad, dense.sum(0).expand(37, -1), dtype, what=f"{layout} grad x")
 print("cmake build OK from", EXTENSION.source)
 """
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import sparseadapter_kernels as sak
 from sparseadapter_kernels import reference as ref
 
-from conftest import TOL, assert_close, random_sparse
+from conftest import assert_kernel_close, random_sparse
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = [("csr", None), ("bsr", (4, 8)), ("bsr", (3, 5))]
@@ -27,7 +27,7 @@ def test_sparse_linear_matches_dense_masked(layout, block, sparsity, dtype):
     y = sak.ops.sparse_linear(x, sw, bias, backend="reference")
     expected = F.linear(x.double(), dense.double(), bias.double())
     assert y.shape == (3, 7, shape[0]) and y.dtype == dtype
-    assert_close(y, expected, dtype, scale=4)
+    assert_kernel_close(y, expected, dtype, scale=4)
 
 
 @pytest.mark.parametrize("layout,block", LAYOUTS)
@@ -103,7 +103,7 @@ def test_sparse_adapter_reference_matches_dense(dtype):
     out = sak.ops.sparse_adapter(x, down, up, db, ub, "swish", 2.0, residual=x, backend="reference")
     xd = x.double()
     expected = xd + 2.0 * F.linear(F.silu(F.linear(xd, dd.double(), db.double())), ud.double(), ub.double())
-    assert_close(out, expected, dtype, scale=4)
+    assert_kernel_close(out, expected, dtype, scale=4)
 
 
 def test_sparse_linear_bad_inputs():

@@ -7,7 +7,8 @@ empty rows / columns, the dtype (fp32 / bf16 / fp64), the biases, and for the ad
 the scale and the residual (None, ``x`` itself, another tensor). The twin is ``x.double() @ W.double().T``
 on the masked dense weight (``SparseWeight.to_dense()``), differentiated by torch's autograd; the op's
 forward and every gradient (x, values, biases, residual) must match it within the suite's tolerance table
-(``conftest.assert_close``), widened with the reduction length the way ``test_cpu_kernels.check`` does.
+(``conftest.assert_kernel_close``), widened with the reduction length (``conftest.reduction_scale``) as in
+``test_cpu_kernels.py``.
 
 Reproducible in CI: ``derandomize=True`` and no example database (hypothesis' other caches go to the temp
 directory, not into the checkout).
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import sparseadapter_kernels as sak
 from sparseadapter_kernels import ops
 
-from conftest import assert_close, random_sparse
+from conftest import assert_kernel_close, randn, random_sparse, reduction_scale
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -56,12 +57,6 @@ def _require(backend):
         pytest.skip("CPU kernels not built: " + sak.backend_status()["cpu"][1])
 
 
-def k_scale(k):
-    """Tolerance growth with the reduction length (as in test_cpu_kernels.check): sqrt(k / 64), at least 1.
-    ``k`` is the number of unit-size products summed into one result (random_sparse draws N(0, 1) weights)."""
-    return max(1.0, math.sqrt(k / 64))
-
-
 # The adapter end to end rounds at three points in bf16, as PyTorch's own bf16 computation of it does: the
 # bottleneck h, act(h) and the output; each rounding contributes up to one op's error (the table's row),
 # so its bounds are 3x one op's. (Measured in bf16, CSR, features up to 300, N 1 / 70: the kernel needs up to
@@ -86,32 +81,18 @@ def _layout(draw):
 
 
 def _weight(draw, shape, layout, block, dtype):
-    """A random sparse weight from ``conftest.random_sparse`` (seeded from the draw), with empty rows and
-    columns (for BSR: empty block rows / block columns) on top of the drawn sparsity."""
+    """A random sparse weight from ``conftest.random_sparse`` (the global RNG, seeded from the draw: the
+    inputs drawn after it continue that stream), with empty rows and columns (for BSR: empty block rows /
+    block columns) on top of the drawn sparsity."""
     sparsity = draw(SPARSITY, label="sparsity")
     torch.manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
     out_f, in_f = shape
-    if layout == "csr":
-        empty_rows = draw(st.integers(0, out_f // 2), label="empty_rows")
-        empty_cols = draw(st.integers(0, in_f // 2), label="empty_cols")
-        sw, _ = random_sparse(shape, sparsity, dtype, layout="csr", empty_rows=empty_rows, empty_cols=empty_cols)
-        return sw
-    bh, bw = block
-    sw, dense = random_sparse(shape, sparsity, dtype, layout="bsr", block_size=block)
-    empty_rows = draw(st.integers(0, (out_f // bh) // 2), label="empty_block_rows")
-    empty_cols = draw(st.integers(0, (in_f // bw) // 2), label="empty_block_cols")
-    if empty_rows or empty_cols:
-        mask = sw.mask()
-        for r in torch.randperm(out_f // bh)[:empty_rows].tolist():
-            mask[r * bh:(r + 1) * bh] = False
-        for c in torch.randperm(in_f // bw)[:empty_cols].tolist():
-            mask[:, c * bw:(c + 1) * bw] = False
-        sw = sak.SparseWeight.from_dense(dense, mask, layout="bsr", block_size=block)
+    bh, bw = block or (1, 1)
+    empty_rows = draw(st.integers(0, (out_f // bh) // 2), label="empty_rows" if block is None else "empty_block_rows")
+    empty_cols = draw(st.integers(0, (in_f // bw) // 2), label="empty_cols" if block is None else "empty_block_cols")
+    sw, _ = random_sparse(shape, sparsity, dtype, layout=layout, block_size=block, empty_rows=empty_rows,
+                          empty_cols=empty_cols)
     return sw
-
-
-def _randn(*shape, dtype):
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
 
 
 @st.composite
@@ -122,8 +103,8 @@ def linear_cases(draw):
     n = draw(st.one_of(st.sampled_from([0, 1, MAX_N]), st.integers(0, MAX_N)), label="N")
     out_f, in_f = _features(draw, bh), _features(draw, bw)
     w = _weight(draw, (out_f, in_f), layout, block, dtype)
-    bias = _randn(out_f, dtype=dtype) if draw(st.booleans(), label="bias") else None
-    return dict(x=_randn(n, in_f, dtype=dtype), w=w, bias=bias, dy=_randn(n, out_f, dtype=dtype))
+    bias = randn(out_f, dtype=dtype, seed=None) if draw(st.booleans(), label="bias") else None
+    return dict(x=randn(n, in_f, dtype=dtype, seed=None), w=w, bias=bias, dy=randn(n, out_f, dtype=dtype, seed=None))
 
 
 @st.composite
@@ -139,14 +120,14 @@ def adapter_cases(draw):
     d_out = d if residual == "x" else _features(draw, bh)
     down = _weight(draw, (r, d), layout, block, dtype)
     up = _weight(draw, (d_out, r), layout, block, dtype)
-    down_bias = _randn(r, dtype=dtype) if draw(st.booleans(), label="down_bias") else None
-    up_bias = _randn(d_out, dtype=dtype) if draw(st.booleans(), label="up_bias") else None
+    down_bias = randn(r, dtype=dtype, seed=None) if draw(st.booleans(), label="down_bias") else None
+    up_bias = randn(d_out, dtype=dtype, seed=None) if draw(st.booleans(), label="up_bias") else None
     activation = draw(st.sampled_from(ACTIVATIONS), label="activation")
     scale = draw(st.one_of(st.sampled_from([1.0, 0.5, 4.0]), st.floats(-2.0, 4.0, allow_nan=False)), label="scale")
-    x = _randn(n, d, dtype=dtype)
-    res = {"none": None, "x": x, "other": _randn(n, d_out, dtype=dtype)}[residual]
+    x = randn(n, d, dtype=dtype, seed=None)
+    res = {"none": None, "x": x, "other": randn(n, d_out, dtype=dtype, seed=None)}[residual]
     return dict(x=x, down=down, up=up, down_bias=down_bias, up_bias=up_bias, activation=activation, scale=scale,
-                residual=res, residual_kind=residual, dy=_randn(n, d_out, dtype=dtype))
+                residual=res, residual_kind=residual, dy=randn(n, d_out, dtype=dtype, seed=None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,12 +161,6 @@ def _act(h, name):
     return {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "identity": lambda t: t}[name](h)
 
 
-def _check(actual, expected, dtype, k, what):
-    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    assert_close(actual, expected, dtype, scale=k, msg=f"{what} ({dtype})")
-
-
 # ---------------------------------------------------------------------------------------------
 # properties
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +183,11 @@ def test_sparse_linear_matches_float64_dense_twin(backend, case):
         y64 = y64 + b64
     y64.backward(case["dy"].double())
 
-    _check(y, y64, dtype, k_scale(in_f), "forward")
-    _check(x.grad, x64.grad, dtype, k_scale(out_f), "grad x")
-    _check(_dense_grad(w, values.grad), W.grad * mask, dtype, k_scale(n), "grad values")
+    assert_kernel_close(y, y64, dtype, scale=reduction_scale(in_f), what="forward")
+    assert_kernel_close(x.grad, x64.grad, dtype, scale=reduction_scale(out_f), what="grad x")
+    assert_kernel_close(_dense_grad(w, values.grad), W.grad * mask, dtype, scale=reduction_scale(n), what="grad values")
     if bias is not None:
-        _check(bias.grad, b64.grad, dtype, k_scale(n), "grad bias")
+        assert_kernel_close(bias.grad, b64.grad, dtype, scale=reduction_scale(n), what="grad bias")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -248,13 +223,15 @@ def test_sparse_adapter_matches_float64_dense_twin(backend, case):
     y64.backward(case["dy"].double())
 
     s = ADAPTER_STAGES * max(1.0, abs(scale))  # every adapter term is multiplied by the scale
-    _check(y, y64, dtype, s * k_scale(d * r), "forward")
-    _check(x.grad, x64.grad, dtype, s * k_scale(d_out * r), "grad x")
-    _check(_dense_grad(down, dv.grad), Wd.grad * md, dtype, s * k_scale(n * d_out), "grad down values")
-    _check(_dense_grad(up, uv.grad), Wu.grad * mu, dtype, s * k_scale(n * d), "grad up values")
+    assert_kernel_close(y, y64, dtype, scale=s * reduction_scale(d * r), what="forward")
+    assert_kernel_close(x.grad, x64.grad, dtype, scale=s * reduction_scale(d_out * r), what="grad x")
+    assert_kernel_close(_dense_grad(down, dv.grad), Wd.grad * md, dtype, scale=s * reduction_scale(n * d_out),
+                        what="grad down values")
+    assert_kernel_close(_dense_grad(up, uv.grad), Wu.grad * mu, dtype, scale=s * reduction_scale(n * d),
+                        what="grad up values")
     if db is not None:
-        _check(db.grad, db64.grad, dtype, s * k_scale(n * d_out), "grad down bias")
+        assert_kernel_close(db.grad, db64.grad, dtype, scale=s * reduction_scale(n * d_out), what="grad down bias")
     if ub is not None:
-        _check(ub.grad, ub64.grad, dtype, s * k_scale(n), "grad up bias")
+        assert_kernel_close(ub.grad, ub64.grad, dtype, scale=s * reduction_scale(n), what="grad up bias")
     if kind == "other":
-        _check(res.grad, res64.grad, dtype, 1.0, "grad residual")  # the output gradient itself
+        assert_kernel_close(res.grad, res64.grad, dtype, scale=1.0, what="grad residual")  # the output gradient itself

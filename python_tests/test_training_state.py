@@ -16,7 +16,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 import sparseadapter_kernels as sak
 from sparseadapter_kernels.integration import set_adapter_backend
 
-from conftest import assert_close
+from conftest import assert_kernel_close, randn
 
 D, R, TOKENS = 64, 16, (3, 7)
 LAYOUTS = {"csr": dict(layout="csr"), "bsr": dict(layout="bsr", block_size=(4, 8))}
@@ -78,24 +78,23 @@ def check_step(m, x, dtype, what):
     xm = x.clone().requires_grad_(True)
     xt = x.double().requires_grad_(True)
     ym, yt = m(xm), twin(xt)
-    assert_close(ym, yt, dtype, msg=f"{what}: forward")
+    assert_kernel_close(ym, yt, dtype, what=f"{what}: forward")
     g = torch.randn(ym.shape, dtype=torch.float64)
     ym.backward(g.to(dtype))
     yt.backward(g)
-    assert_close(xm.grad, xt.grad, dtype, scale=4, msg=f"{what}: input gradient")
+    assert_kernel_close(xm.grad, xt.grad, dtype, scale=4, what=f"{what}: input gradient")
     for (name, p), q in zip(m.named_parameters(), twin.parameters()):
         if p.requires_grad:  # (MAM's prefix is used by attention, not by the adapter's forward)
             assert (p.grad is None) == (q.grad is None), f"{what}: {name} got a gradient on one side only"
             if p.grad is not None:
-                assert_close(p.grad, q.grad, dtype, scale=4, msg=f"{what}: gradient of {name}")
+                assert_kernel_close(p.grad, q.grad, dtype, scale=4, what=f"{what}: gradient of {name}")
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
-            assert_close(m(x), twin(x.double()), dtype, msg=f"{what}: evaluation under {mode.__name__}")
+            assert_kernel_close(m(x), twin(x.double()), dtype, what=f"{what}: evaluation under {mode.__name__}")
 
 
 def inputs(dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*TOKENS, D, generator=g, dtype=torch.float64).to(dtype)
+    return randn(*TOKENS, D, dtype=dtype, seed=seed)
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -188,16 +187,16 @@ def test_fused_steps_on_regrouped_layouts(dtype, kblock, monkeypatch):
     opt = torch.optim.AdamW(trainable(m), lr=0.05, fused=True)
     g = torch.Generator().manual_seed(5)
     for step in range(3):
-        x = torch.randn(40, 320, generator=g, dtype=torch.float64).to(dtype)
+        x = randn(40, 320, dtype=dtype, generator=g)
         m.zero_grad(set_to_none=True)
         twin = reference_twin(m)
         xm, xt = x.clone().requires_grad_(True), x.double().requires_grad_(True)
         ym, yt = m(xm), twin(xt)
-        assert_close(ym, yt, dtype, scale=4, msg=f"step {step}: forward")
+        assert_kernel_close(ym, yt, dtype, scale=4, what=f"step {step}: forward")
         ym.sum().backward()
         yt.sum().backward()
-        assert_close(xm.grad, xt.grad, dtype, scale=4, msg=f"step {step}: input gradient")
-        assert_close(m.values.grad, twin.values.grad, dtype, scale=8, msg=f"step {step}: values gradient")
+        assert_kernel_close(xm.grad, xt.grad, dtype, scale=4, what=f"step {step}: input gradient")
+        assert_kernel_close(m.values.grad, twin.values.grad, dtype, scale=8, what=f"step {step}: values gradient")
         opt.step()
 
 
@@ -209,7 +208,7 @@ def test_issue_repro_fused_adamw_input_gradient():
     torch.optim.AdamW([lin.values], lr=0.5, fused=True).step()
     x.grad = None
     lin(x).sum().backward()
-    torch.testing.assert_close(x.grad, torch.ones(64, 128) @ lin.weight.detach(), atol=1e-4, rtol=1e-4)
+    assert_kernel_close(x.grad, torch.ones(64, 128) @ lin.weight.detach(), torch.float32, what="input gradient")
 
 
 def test_eval_between_fused_steps_sees_new_weights():

@@ -10,8 +10,9 @@ Two ways this file runs:
 
 Without a GPU and without the interpreter every test here is skipped.
 
-Tolerance rule (flash-attention's): the kernel's error against a float64 oracle is at most twice PyTorch's
-own error in the same dtype (the reference path run in that dtype), plus a small floor from ``TOL``.
+Tolerance rule (flash-attention's, ``conftest.assert_kernel_close`` with ``lowp``): the kernel's error against a
+float64 oracle is at most twice PyTorch's own error in the same dtype (the reference path run in that dtype),
+plus a small floor from ``TOL``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sparseadapter_kernels as sak
 from sparseadapter_kernels import reference
 from sparseadapter_kernels import triton as tb
 
-from conftest import TOL, random_mask, random_sparse
+from conftest import assert_kernel_close, random_mask, random_sparse
 
 USABLE, REASON = tb.status()
 HAS_CUDA = torch.cuda.is_available()
@@ -40,20 +41,6 @@ ACTS = ["relu", "gelu", "silu", "identity"]
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_2x_torch(actual, lowp, oracle, dtype, what=""):
-    """|actual - oracle| <= 2 |lowp - oracle| + floor, with lowp = PyTorch in the same dtype."""
-    assert actual.shape == oracle.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
-    atol, rtol = TOL[dtype]
-    mag = oracle.abs().max().item() if oracle.numel() else 0.0
-    bound = 2.0 * _err(lowp, oracle) + atol + rtol * mag
-    err = _err(actual, oracle)
-    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (PyTorch {dtype}: {_err(lowp, oracle):.3e})"
-
-
 def RUNS(dtype):
     """(name, dtype, backend): the kernel, PyTorch in the same dtype, and the float64 oracle."""
     return (("kernel", dtype, "triton"), ("lowp", dtype, "reference"), ("oracle", torch.float64, "reference"))
@@ -80,7 +67,7 @@ def check_linear(n, shape, block, sparsity, dtype, device=DEVICE, lead=None, **m
         y = sak.ops.sparse_linear(xl, w.to(dt).with_values(vl), bl, backend=be)
         results[name] = [y] + _grads(y, [xl, vl, bl], g.to(dt))
     for i, what in enumerate(("y", "dx", "dvalues", "dbias")):
-        assert_2x_torch(results["kernel"][i], results["lowp"][i], results["oracle"][i], dtype, what)
+        assert_kernel_close(results["kernel"][i], results["oracle"][i], dtype, lowp=results["lowp"][i], what=what)
 
 
 def check_adapter(n, d, r, down_block, up_block, sparsity, dtype, act="gelu", bias=True, res=True, scale=0.7,
@@ -109,7 +96,7 @@ def check_adapter(n, d, r, down_block, up_block, sparsity, dtype, act="gelu", bi
         if results["oracle"][i] is None:
             assert results["kernel"][i] is None, what
             continue
-        assert_2x_torch(results["kernel"][i], results["lowp"][i], results["oracle"][i], dtype, what)
+        assert_kernel_close(results["kernel"][i], results["oracle"][i], dtype, lowp=results["lowp"][i], what=what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +158,7 @@ def test_linear_leading_dims_and_noncontiguous():
     check_linear(0, (32, 64), (16, 32), 0.5, torch.float32, lead=(3, 5))
     w, wd = random_sparse((32, 64), 0.5, device=DEVICE, layout="bsr", block_size=(16, 16))
     x = torch.randn(64, 20, device=DEVICE).T  # non-contiguous
-    torch.testing.assert_close(sak.ops.sparse_linear(x, w, backend="triton"), x @ wd.T, atol=1e-4, rtol=1e-4)
+    assert_kernel_close(sak.ops.sparse_linear(x, w, backend="triton"), x @ wd.T, torch.float32, what="non-contiguous x")
 
 
 @interpret
@@ -182,13 +169,13 @@ def test_bsr_mm_transposed_and_sddmm_split(block):
     ops = torch.ops.sparseadapter_kernels
     x = torch.randn(600, 96, device=DEVICE)
     dy = torch.randn(600, 64, device=DEVICE)
-    torch.testing.assert_close(ops.triton_bsr_mm(x, w.values, w.crow_indices, w.col_indices), x @ wd.T,
-                               atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ops.triton_bsr_mm(dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm), dy @ wd,
-                               atol=1e-4, rtol=1e-4)
+    assert_kernel_close(ops.triton_bsr_mm(x, w.values, w.crow_indices, w.col_indices), x @ wd.T, torch.float32,
+                        what="x @ W.T")
+    assert_kernel_close(ops.triton_bsr_mm(dy, w.values, w.t_crow_indices, w.t_row_indices, w.t_perm), dy @ wd,
+                        torch.float32, what="dy @ W")
     got = ops.triton_bsr_sddmm(dy, x, w.row_indices, w.col_indices, *block)
     want = reference.bsr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices, *block)
-    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+    assert_kernel_close(got, want, torch.float32, what="split SDDMM")
 
 
 @interpret
@@ -270,7 +257,7 @@ def test_adapter_residual_is_x_and_batch_dims():
     x = torch.randn(2, 9, 64, device=DEVICE)
     out = sak.ops.sparse_adapter(x, down, up, activation="swish", scale=2.0, residual=x, backend="triton")
     want = x + 2.0 * torch.nn.functional.silu(x @ dd.T) @ ud.T
-    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    assert_kernel_close(out, want, torch.float32, what="residual=x")
     assert sak.ops.sparse_adapter(x[:, :0], down, up, backend="triton").shape == (2, 0, 64)
 
 
@@ -438,6 +425,5 @@ def test_gpu_compile_fullgraph(dtype):
     compiled = torch.compile(f, fullgraph=True)
     out = compiled(x)
     gc = torch.autograd.grad(out[0].sum() + out[1].sum(), x)[0]
-    atol, rtol = TOL[dtype]
-    for a, b in ((out[0], eager[0]), (out[1], eager[1]), (gc, ge)):
-        torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol * 10)
+    for what, a, b in (("adapter", out[0], eager[0]), ("linear", out[1], eager[1]), ("grad x", gc, ge)):
+        assert_kernel_close(a, b, dtype, scale=10, what=what)
