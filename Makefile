@@ -77,3 +77,18 @@ $(CHECK_CUDA)/emu_test: csrc/cuda/check/emu_test.cpp csrc/cuda/kernels/emulator.
 
 check-cuda-emu: $(CHECK_CUDA)/emu_test
 	ASAN_OPTIONS=detect_leaks=0 timeout 1200 $(CHECK_CUDA)/emu_test
+
+# ---- make gpu-check: the GPU half verified in one short run (docs/gpu_check.md) ---------------------
+# On a GPU machine, from a fresh copy of the tree: build for the GPU found, the GPU tests (junit XML),
+# compute-sanitizer memcheck over every CUDA op, the acceptance benchmarks of both backends, auto's GPU
+# decision tables; each step time-boxed, at most 8 minutes on an H100; everything into OUT.
+#   make gpu-check [OUT=DIR] [STEPS=build,tests,memcheck,bench,tune]
+#   GPU_CHECK_DRY=1 make gpu-check OUT=DIR      the same steps on the CPU (CI runs it)
+# OUT is read from the command line only (or GPU_CHECK_OUT), never from an OUT in the environment.
+# The venv's Python when there is one, else $(PYTHON) (a GPU machine's python3 that holds torch).
+.PHONY: gpu-check
+GPU_CHECK_PY  ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_OUT ?= build/gpu-check
+STEPS         ?= all
+gpu-check:
+	$(GPU_CHECK_PY) tools/gpu_check.py --out $(if $(filter command line,$(origin OUT)),$(OUT),$(GPU_CHECK_OUT)) --steps $(STEPS)

@@ -35,8 +35,11 @@ def extension_modules():
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     extra = {"cxx": cxx}
     if use_cuda:
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        # TORCH_CUDA_ARCH_LIST (e.g. "9.0" for the GPU at hand) is torch's own setting: honoured when set;
+        # otherwise the two architectures the kernels are written for (A100, H100)
+        arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + arch
     ext_cls = CUDAExtension if use_cuda else CppExtension
     return [ext_cls("sparseadapter_kernels._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
                     define_macros=[("SAK_WITH_CUDA", "1")] if use_cuda else [])]

@@ -313,7 +313,8 @@ def wgrad_atomic(n: int, device: torch.device) -> bool:
     atomics, deterministic, but g and x are read a second time). ``WGRAD_MODE`` ("atomic", "sddmm",
     "auto"; env ``SAK_TRITON_WGRAD``) decides; "auto" uses atomics while the token count is small
     (few row tiles, so few atomics, and one launch instead of three). The threshold is a first guess,
-    to be replaced by the H100 measurement of benchmarks/triton_bench.py (suite "large")."""
+    to be replaced by the H100 measurement of suite ``gpu-large`` of sparseadapter-bench (both modes timed;
+    ``make gpu-check`` runs it)."""
     mode = WGRAD_MODE
     if mode not in ("atomic", "sddmm", "auto"):
         raise ValueError(f"SAK_TRITON_WGRAD: expected 'atomic', 'sddmm' or 'auto', got {mode!r}")

@@ -81,6 +81,19 @@ def _torch_csr(dense: torch.Tensor, dtype: torch.dtype, like: torch.Tensor):
     return None, None
 
 
+def _torch_sampled_addmm_mask(mask: torch.Tensor, dtype: torch.dtype, dy: torch.Tensor, x: torch.Tensor):
+    """The CSR mask for ``torch.sparse.sampled_addmm`` in ``dtype`` if it has a kernel for it (its CUDA
+    kernel takes no bf16), else in fp32; (None, None) when neither runs."""
+    for dt in (dtype, torch.float32):
+        try:
+            m = mask.to(dt).to_sparse_csr()
+            torch.sparse.sampled_addmm(m, dy[:4].to(dt).T, x[:4].to(dt), beta=0.0)
+            return m, dt
+        except (RuntimeError, NotImplementedError):
+            continue
+    return None, None
+
+
 def _csr(spec: Spec, opts: Options) -> Case:
     q, dev, dtype = spec.params, opts.device, gpu_dtype(opts)
     n, d, r, s, prod = q["n"], q["d"], q["r"], q["sparsity"], q["product"]
@@ -106,7 +119,7 @@ def _csr(spec: Spec, opts: Options) -> Case:
                "torch_sparse": (lambda i: torch.mm(spt, dys[i].to(sp_dt).T).T) if spt is not None else None}
         oracle, lowp, post = (lambda: dy64() @ wd64), (lambda dt: dys[0].to(dt) @ wd.to(dt)), {}
     else:
-        mask_csr = mask.to(sp_dt).to_sparse_csr() if sp is not None else None
+        mask_csr, sp_dt = _torch_sampled_addmm_mask(mask, dtype, dys[0], xs[0])
         fns = {"ours": lambda i: lib.csr_sddmm(dys[i], xs[i], w.crow_indices, w.col_indices),
                "dense": lambda i: dys[i].T @ xs[i],
                "reference": lambda i: ref.csr_sddmm(dys[i], xs[i], w.crow_indices, w.col_indices),
