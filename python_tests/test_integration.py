@@ -319,7 +319,7 @@ def test_save_load_round_trip_bit_exact(tmp_path, arch, preset, extra):
                         data=batches(arch))
     train_steps(model, arch, steps=2)
     stats = save_adapters(model, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [integration.CONFIG_NAME, integration.WEIGHTS_NAME]
     fresh = build(arch, seed=0)  # same base weights, no adapters, no pruning data
     load_adapters(fresh, str(tmp_path))
     sd_a = {k: v for k, v in model.state_dict().items()}
@@ -390,7 +390,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="already has adapters that differ"):
         load_adapters(other, str(tmp_path))
     # corrupted weights: one flipped byte
-    w = tmp_path / "adapter_model.safetensors"
+    w = tmp_path / integration.WEIGHTS_NAME
     good = w.read_bytes()
     bad = bytearray(good)
     bad[-3] ^= 0xFF
@@ -398,7 +398,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="adapter_model.safetensors is corrupted .*SHA-256 mismatch"):
         load_adapters(build("bert"), str(tmp_path))
     # truncated weights without a checksum to catch it
-    cfg_path = tmp_path / "adapter_config.json"
+    cfg_path = tmp_path / integration.CONFIG_NAME
     doc = json.loads(cfg_path.read_text())
     del doc["format"]["sha256"]
     cfg_path.write_text(json.dumps(doc))
@@ -419,7 +419,7 @@ def test_load_rejects_inconsistent_indices(tmp_path):
     model = build("bert")
     add_sparse_adapters(model, SparseAdapterConfig("houlsby", method="rand"))
     save_adapters(model, str(tmp_path))
-    w = tmp_path / "adapter_model.safetensors"
+    w = tmp_path / integration.WEIGHTS_NAME
     from safetensors import safe_open
 
     with safe_open(str(w), "pt") as f:
@@ -428,7 +428,7 @@ def test_load_rejects_inconsistent_indices(tmp_path):
     key = next(k for k in t if k.endswith("col_indices"))
     t[key] = t[key].flip(0).contiguous()  # unsorted columns
     save_file(t, str(w), metadata=meta)
-    cfg_path = tmp_path / "adapter_config.json"
+    cfg_path = tmp_path / integration.CONFIG_NAME
     doc = json.loads(cfg_path.read_text())
     del doc["format"]["sha256"]
     cfg_path.write_text(json.dumps(doc))

@@ -49,6 +49,26 @@ def exact_random_mask(shape, sparsity: float, block_size=None, generator=None, d
     return mask.to(device) if device is not None else mask
 
 
+_WRITES = {"__setitem__", *(f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and",
+                                                      "or", "xor", "lshift", "rshift", "matmul"))}
+
+
+class _ComputedWeight(torch.Tensor):
+    """The dense weight computed by :attr:`SparseLinear.weight`: reads give plain tensors, writes raise."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name in _WRITES or (name.endswith("_") and not name.startswith("_"))) and args and isinstance(args[0], cls):
+            raise RuntimeError(f"SparseLinear.weight is computed from the kept values, so {name} on it would change "
+                               "a temporary; assign `module.weight = W` or call `module.load_dense_weight(W)` "
+                               "(it copies W into the kept entries), or write `module.values`")
+        alias = name == "detach" or getattr(func, "__self__", None) is torch._C.TensorBase.data  # writable views
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out.as_subclass(cls) if alias and isinstance(out, torch.Tensor) else out
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W [out_features, in_features]`` in CSR or BSR storage.
 
@@ -96,8 +116,32 @@ class SparseLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dense ``[out, in]`` view of the masked weight (computed; differentiable w.r.t. ``values``)."""
-        return self.sparse_weight().to_dense()
+        """Dense ``[out, in]`` copy of the masked weight (computed; differentiable w.r.t. ``values``). Writes into it
+        raise (they would change a temporary): assign ``m.weight = W`` or call :meth:`load_dense_weight`."""
+        return self.sparse_weight().to_dense().as_subclass(_ComputedWeight)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":
+            self.load_dense_weight(value)
+            return
+        super().__setattr__(name, value)
+
+    @torch.no_grad()
+    def load_dense_weight(self, weight: torch.Tensor, strict: bool = True) -> None:
+        """Copy a dense ``[out, in]`` weight into the kept entries (structure and ``values`` identity stay);
+        ``strict``: a nonzero at a pruned position is an error (``strict=False`` drops it)."""
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight: expected a tensor of shape {(self.out_features, self.in_features)}, got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        weight = weight.as_subclass(torch.Tensor).detach().to(device=self.values.device, dtype=self.values.dtype)
+        mask = self.mask()
+        if strict:
+            dropped = int(weight[~mask].ne(0).sum())
+            if dropped:
+                raise ValueError(f"weight: {dropped} nonzero entries at pruned positions of this SparseLinear "
+                                 "(its structure is fixed); pass strict=False to drop them, or apply_mask() first")
+        bs = self.block_size if self.layout == "bsr" else None
+        self.values.copy_(SparseWeight.from_dense(weight, mask, layout=self.layout, block_size=bs).values)
 
     def mask(self) -> torch.Tensor:
         return self.sparse_weight().mask()
@@ -120,7 +164,8 @@ class SparseLinear(nn.Module):
                              f"{tuple(getattr(mask, 'shape', ()))}")
         mask = mask.to(device=self.values.device, dtype=torch.bool)
         self._values_grad = self.values.requires_grad
-        self._set_sparse(SparseWeight.from_dense(self.weight.detach(), mask, layout=layout, block_size=block_size))
+        self._set_sparse(SparseWeight.from_dense(self.sparse_weight().to_dense().detach(), mask, layout=layout,
+                                                 block_size=block_size))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: Optional[torch.Tensor] = None, layout: str = "csr",
@@ -337,15 +382,18 @@ class LoRA(nn.Module):
     """LoRA around a frozen ``base`` linear: ``base(x) + (alpha / r) * B(A(x))`` with sparse A, B.
 
     ``A [r, in]`` kaiming-initialized, ``B [out, r]`` zero-initialized, no biases (r = 8, alpha = 8).
+    ``dropout``: dropout on the LoRA input, ``B A drop(x)`` (PEFT's ``lora_dropout``; default 0).
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8.0, sparsity: float = 0.0, layout: str = "csr",
-                 block_size=None, backend: str = "auto"):
+                 block_size=None, backend: str = "auto", dropout: float = 0.0):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r: expected a positive int, got {r!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         self.base, self.r, self.alpha, self.backend = base, r, float(alpha), backend
         self.base.requires_grad_(False)
         w = base.weight
@@ -354,6 +402,7 @@ class LoRA(nn.Module):
         self.lora_B = SparseLinear(r, base.out_features, **kw)
         _init_kaiming(self.lora_A)
         _init_zero(self.lora_B)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         sparsity = check_sparsity(sparsity)
         if sparsity > 0:
             for m in (self.lora_A, self.lora_B):
@@ -381,8 +430,8 @@ class LoRA(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_adapter(x, self.lora_A.sparse_weight(), self.lora_B.sparse_weight(), None, None,
-                                  "identity", self.scaling, self.base(x), backend=self.backend)
+        return ops.sparse_adapter(self.lora_dropout(x), self.lora_A.sparse_weight(), self.lora_B.sparse_weight(),
+                                  None, None, "identity", self.scaling, self.base(x), backend=self.backend)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

@@ -27,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import ops
 from .formats import check_block_size
@@ -83,10 +85,24 @@ def large_sparse(bottleneck: int = 64, k: int = 4) -> LargeSparse:
 # ---------------------------------------------------------------------------------------------
 # Helpers: batches, losses, model state
 # ---------------------------------------------------------------------------------------------
+def _progress(items, desc: str, total: Optional[int] = None):
+    """A progress bar on a terminal for 2+ steps (tqdm; nothing when stderr is not a terminal)."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    return tqdm(items, desc=desc, total=total, leave=False, disable=None if (total or 0) > 1 else True)
+
+
+def _as_batches(data) -> list:
+    """One Mapping (dict, transformers' BatchEncoding), tensor or ``(inputs, targets)`` pair is one batch."""
+    if isinstance(data, (Mapping, torch.Tensor)) or (isinstance(data, tuple) and len(data) == 2
+                                                     and isinstance(data[0], torch.Tensor)):
+        return [data]
+    return list(data)
+
+
 def _to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: _to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(v, device) for v in obj)
@@ -94,12 +110,12 @@ def _to_device(obj, device):
 
 
 def _batch_loss(model: nn.Module, batch, loss_fn) -> torch.Tensor:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         out = model(**batch)
         if loss_fn is not None:
             return loss_fn(out, batch)
         loss = getattr(out, "loss", None)
-        if loss is None and isinstance(out, dict):
+        if loss is None and isinstance(out, Mapping):
             loss = out.get("loss")
         if loss is None:
             raise ValueError("data: a dict batch with loss_fn=None must make model(**batch) return an output with "
@@ -111,8 +127,8 @@ def _batch_loss(model: nn.Module, batch, loss_fn) -> torch.Tensor:
                              "needed (e.g. torch.nn.functional.cross_entropy)")
         inputs, targets = batch
         return loss_fn(model(inputs), targets)
-    raise TypeError(f"data: expected batches that are (inputs, targets) pairs or dicts of model inputs, "
-                    f"got {type(batch).__name__}")
+    raise TypeError(f"data: expected batches that are (inputs, targets) pairs or mappings (dicts, BatchEncodings) "
+                    f"of model inputs, got {type(batch).__name__}")
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -188,7 +204,7 @@ def _scores_snip(model, targets, batches, loss_fn, seed):
     mods = [m for _, m in targets]
     values = [m.values for m in mods]
     with _surrogate_for_zero_tensors(mods, seed), _scoring_state(model, values), ops.backend_override("reference"):
-        for batch in batches:
+        for batch in _progress(batches, "snip scores"):
             _batch_loss(model, batch, loss_fn).backward()
         return [(v.grad.double() * v.detach().double()).abs().cpu() if v.grad is not None
                 else torch.zeros(v.shape, dtype=torch.float64) for v in values]
@@ -203,15 +219,19 @@ def _scores_grasp(model, targets, batches, loss_fn, seed):
     with _surrogate_for_zero_tensors(mods, seed), _scoring_state(model, values), \
             ops.backend_override("reference"), math_sdpa:
         g = [torch.zeros_like(v) for v in values]
+        bar = _progress(range(2 * len(batches)), "grasp scores")
         for batch in batches:
+            bar.update()
             grads = torch.autograd.grad(_batch_loss(model, batch, loss_fn), values, allow_unused=True)
             g = [acc + (gr.detach() if gr is not None else 0) for acc, gr in zip(g, grads)]
         for batch in batches:
+            bar.update()
             grads = torch.autograd.grad(_batch_loss(model, batch, loss_fn), values, create_graph=True,
                                         allow_unused=True)
             z = sum((gi * gr).sum() for gi, gr in zip(g, grads) if gr is not None)
             if isinstance(z, torch.Tensor) and z.requires_grad:
                 z.backward()
+        bar.close()
         return [(v.grad.double() * v.detach().double()).cpu() if v.grad is not None
                 else torch.zeros(v.shape, dtype=torch.float64) for v in values]
 
@@ -223,7 +243,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _synflow_inputs(model: nn.Module, batch):
     """The all-ones input shaped like ``batch`` (token ids become all-ones ``inputs_embeds``)."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         batch = {k: v for k, v in batch.items() if k not in ("labels", "label")}
         ids = batch.get("input_ids")
         if ids is not None and hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
@@ -243,7 +263,9 @@ def _scores_synflow(model, targets, batches, seed):
     if not batches:
         raise ValueError("data: synflow is data-free but needs one example batch for the input shape; got none")
     names = [n for n, _ in targets]
+    bar = _progress(range(3), "synflow: copy, |theta|, scores", total=3)
     work = copy.deepcopy(model).double()
+    bar.update()
     work_mods = dict(work.named_modules())
     mods = [work_mods[n] for n in names]
     hooks = [m.register_forward_hook(lambda mod, inp, out: inp[0]) for m in work.modules() if _is_norm(m)]
@@ -251,6 +273,7 @@ def _scores_synflow(model, targets, batches, seed):
         with torch.no_grad():
             for p in work.parameters():
                 p.abs_()
+        bar.update()
         values = [m.values for m in mods]
         with _surrogate_for_zero_tensors(mods, seed), _scoring_state(work, values), ops.backend_override("reference"):
             with torch.no_grad():
@@ -258,9 +281,11 @@ def _scores_synflow(model, targets, batches, seed):
                     m.values.abs_()
             args, kwargs = _synflow_inputs(work, batches[0])
             _output_tensor(work(*args, **kwargs)).sum().backward()
+            bar.update()
             return [(v.grad * v.detach()).abs().cpu() if v.grad is not None
                     else torch.zeros(v.shape, dtype=torch.float64) for v in values]
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
         del work
@@ -350,7 +375,7 @@ def compute_scores(model: nn.Module, method: str = "snip", data: Optional[Iterab
     batches = []
     if data is not None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        batches = [_to_device(b, device) for b in data]
+        batches = [_to_device(b, device) for b in _as_batches(data)]
     if method in LOSS_METHODS and not batches:
         raise ValueError(f"data: method={method!r} needs pruning batches (e.g. 10 batches of 32 examples), got none")
     if method == "rand":
@@ -383,7 +408,8 @@ def prune_at_init(model: nn.Module, method: str = "snip", sparsity: float = 0.8,
     ``sparsity`` is the fraction removed (0.8 keeps 20%) over all scored weights (``scope="global"``)
     or per tensor (``scope="layer"``). ``block_size=(bh, bw)`` keeps whole blocks (scored by the sum of
     their element scores). ``data``: iterable of ``(inputs, targets)`` pairs (with ``loss_fn``) or dicts
-    for ``model(**batch).loss``; needed by snip/grasp, and by synflow for the input shape only.
+    for ``model(**batch).loss`` (one batch alone is accepted too); needed by snip/grasp, and by synflow for the
+    input shape only. Many batches show a progress bar on a terminal.
     Returns ``{"<module>.weight": bool mask [out, in]}``; with ``apply=True`` the modules are converted
     to ``layout`` (default ``"bsr"`` when ``block_size`` is given, else ``"csr"``) in place.
     """

@@ -8,7 +8,7 @@ PEFT / AdapterHub style::
     model = sak.add_sparse_adapters(model, config, data=batches)   # freeze base, insert, prune, convert
     sak.print_trainable_parameters(model)                          # counts kept weights only
     ...train (build the optimizer *after* add_sparse_adapters / load_adapters)...
-    sak.save_adapters(model, "out/")                               # adapter_config.json + adapter_model.safetensors
+    sak.save_adapters(model, "out/")                               # compressed_adapter_{config.json,model.safetensors}
     fresh = AutoModelForSequenceClassification.from_pretrained(...)
     sak.load_adapters(fresh, "out/")                               # inserts the adapters, structure from the file
 
@@ -32,24 +32,44 @@ mam         parallel FFN adapter + prefix tuning (length 30, MLP 800, tanh; one 
 lora        ``W0 x + (alpha/r) B A x`` on the attention query and value projections
 ==========  =========================================================================================
 
-Modules: ``config`` (SparseAdapterConfig, presets), ``sites`` (ARCHITECTURES, where adapters go), ``layers``
-(the wrapper layers), ``inject`` (add_sparse_adapters and friends), ``checkpoint`` (save / load).
+Several named adapters (``adapter_name=``), PEFT style: ``set_adapter`` (a name or a list), ``disable_adapter()``
+(a context manager), ``delete_adapter``, ``unload``, LoRA ``merge_adapter`` / ``unmerge_adapter`` /
+``merge_and_unload``; mixed batches with ``model(**inputs, adapter_names=[...])`` or ``mixed_batch``.
+On a transformers model, its own ``set_adapter``, ``disable_adapters``, ``enable_adapters``, ``active_adapters``,
+``delete_adapter`` and ``save_pretrained`` work on the sparse adapters.
+
+Modules: ``config`` (SparseAdapterConfig, presets), ``sites`` (ARCHITECTURES, where adapters go), ``state``
+(which adapters a model has and runs), ``layers`` (the sites), ``inject`` (add_sparse_adapters and friends),
+``manage`` (named adapters, merging, unload), ``files`` / ``checkpoint`` (save / load, also from an FSDP2-sharded
+model), ``hf`` (transformers' methods, save_pretrained / from_pretrained, the Trainer callback), ``peft_interop``
+(PEFT LoRA export / import). See docs/integration.md.
 """
 from __future__ import annotations
 
 # Every name of the former single module integration.py stays importable from here (beyond __all__: the constants,
 # and _adapter_sparse_linears, which tests and examples use).
-from .config import (DATA_METHODS, METHOD_ALIASES, METHODS, PRESET_ALIASES, PRESETS,  # noqa: F401 (re-exported)
-                     SCOPES, SparseAdapterConfig)
-from .sites import ARCHITECTURES, DEFAULT_HEADS, MODEL_TYPE_FAMILY  # noqa: F401 (re-exported)
-from .layers import (WRAPPERS, ParallelAdapterLayer, PostNormAdapterLayer,  # noqa: F401 (re-exported)
-                     PrefixSelfAttention, ResidualParallelAdapterLayer, SequentialAdapterLayer)
+from .config import (ALIASES, DATA_METHODS, METHOD_ALIASES, METHODS, PRESET_ALIASES,  # noqa: F401 (re-exported)
+                     PRESETS, SCOPES, SparseAdapterConfig)
+from .state import BASE_ONLY, DEFAULT_ADAPTER, AdapterState  # noqa: F401 (re-exported)
+from .layers import (WRAPPERS, LoRAFactors, LoRALayer, ParallelAdapterLayer,  # noqa: F401 (re-exported)
+                     PostNormAdapterLayer, PrefixSelfAttention, ResidualParallelAdapterLayer, SequentialAdapterLayer)
+from .sites import ARCHITECTURES, DEFAULT_HEADS, MODEL_TYPE_FAMILY, base_modules  # noqa: F401 (re-exported)
 from .inject import (PREFIX_MODULE_NAME, _adapter_sparse_linears, adapter_sites,  # noqa: F401 (re-exported)
-                     adapter_stats, add_sparse_adapters, print_trainable_parameters, set_adapter_backend)
-from .checkpoint import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME,  # noqa: F401 (re-exported)
-                         load_adapters, read_adapter_config, save_adapters)
+                     adapter_state, adapter_stats, add_sparse_adapters, print_trainable_parameters,
+                     set_adapter_backend)
+from .manage import (active_adapters, delete_adapter, disable_adapter, disable_adapters,  # noqa: F401
+                     enable_adapters, list_adapters, merge_adapter, merge_and_unload, mixed_batch, set_adapter,
+                     unload, unmerge_adapter)
+from .files import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, LEGACY_CONFIG_NAME,  # noqa: F401 (re-exported)
+                    LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_config)
+from .checkpoint import load_adapters, save_adapters  # noqa: F401 (re-exported)
+from .hf import SparseAdapterCallback, from_pretrained, save_pretrained  # noqa: F401 (re-exported)
+from .peft_interop import export_peft_lora, import_peft_lora  # noqa: F401 (re-exported)
 
 __all__ = ["SparseAdapterConfig", "add_sparse_adapters", "save_adapters", "load_adapters",
            "print_trainable_parameters", "adapter_stats", "adapter_sites", "set_adapter_backend",
            "read_adapter_config", "PRESETS", "ARCHITECTURES", "SequentialAdapterLayer", "PostNormAdapterLayer",
-           "ParallelAdapterLayer", "ResidualParallelAdapterLayer", "PrefixSelfAttention"]
+           "ParallelAdapterLayer", "ResidualParallelAdapterLayer", "PrefixSelfAttention", "LoRALayer",
+           "set_adapter", "active_adapters", "list_adapters", "disable_adapter", "disable_adapters",
+           "enable_adapters", "delete_adapter", "unload", "merge_adapter", "unmerge_adapter", "merge_and_unload",
+           "mixed_batch", "from_pretrained", "SparseAdapterCallback", "export_peft_lora", "import_peft_lora"]

@@ -1,5 +1,4 @@
-"""Saving and loading adapters: save_adapters / load_adapters, the crash-safe file writes they use, and
-read_adapter_config."""
+"""Saving and loading adapters: save_adapters / load_adapters (the files and their crash-safe writes: files.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,32 +6,78 @@ import hashlib
 import json
 import os
 import re
-import secrets
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..formats import SparseWeight, check_layout
-from .config import SparseAdapterConfig, _is_int
-from .inject import _adapter_sparse_linears, _adapter_trainables, _insert, adapter_sites
-from .sites import _hidden_size, _model_config, _model_type, _modules_to_save, _num_layers
+from ..modules import SparseLinear
+from .config import SparseAdapterConfig
+from .files import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, LEGACY_CONFIG_NAME, WEIGHTS_NAME,  # noqa: F401
+                    _atomic_write, _finish_interrupted_save, _fsync_dir, _read_weights, _remove_legacy,
+                    _safetensors_bytes, _staged_weights_name, _write_synced, read_adapter_config)
+from .inject import _insert, _state_or_raise, adapter_parts, adapter_state, site_entries
+from .manage import delete_adapter
+from .sites import _hidden_size, _model_config, _model_type, _modules_to_save, _num_layers, base_modules
+from .state import DEFAULT_ADAPTER, check_adapter_name
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_NAME = "sparseadapter_kernels"
-FORMAT_VERSION = 1
+PROGRESS_MIN_MODULES = 64  # progress bars (on a terminal only) for adapters with at least this many sparse layers
 
 
-def _state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, Any]]:
-    """Tensors to save, per-sparse-module metadata, and byte counts."""
-    lins = _adapter_sparse_linears(model)
-    config: SparseAdapterConfig = model._sparse_adapter_config
+def _progress(items, desc: str):
+    items = list(items)
+    return tqdm(items, desc=desc, leave=False, disable=None if len(items) >= PROGRESS_MIN_MODULES else True)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter sharded by FSDP2 (a DTensor: a collective, every rank must call), else ``t``."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor") else t
+
+
+def _writes(sharded: bool) -> bool:
+    """Whether this process writes: every process of an unsharded model, rank 0 of a sharded (FSDP2) one."""
+    return not (sharded and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _sparse_parts(model: nn.Module, name: str, bm=None) -> Dict[str, SparseLinear]:
+    """``{tensor-name prefix: SparseLinear}`` of adapter ``name`` (logical site names)."""
+    out = {}
+    for key, part in adapter_parts(model, name, bm).items():
+        for sub, lin in part.named_modules():
+            if isinstance(lin, SparseLinear):
+                out[f"{key}.{sub}" if sub else key] = lin
+    return out
+
+
+def _dense_params(model: nn.Module, name: str, config: SparseAdapterConfig, bm=None) -> Dict[str, nn.Parameter]:
+    """The dense tensors saved with adapter ``name``: its biases, the prefix, the ``modules_to_save``."""
+    out = {}
+    bm = bm or base_modules(model)
+    for key, part in adapter_parts(model, name, bm).items():
+        sparse = {id(m.values) for m in part.modules() if isinstance(m, SparseLinear)}
+        for pn, p in part.named_parameters():
+            if id(p) not in sparse:
+                out[f"{key}.{pn}"] = p
+    for n in _modules_to_save(model, config, bm):
+        for pn, p in bm[n][1].named_parameters():
+            out.setdefault(f"{n}.{pn}", p)
+    return out
+
+
+def _state(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, bm=None
+           ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, Any]]:
+    """Tensors to save, per-sparse-module metadata, and byte counts of adapter ``adapter_name`` (``stats["sharded"]``:
+    some were FSDP2 shards, gathered here)."""
+    config: SparseAdapterConfig = _state_or_raise(model).configs[adapter_name]
+    bm = bm or base_modules(model)
+    lins = _sparse_parts(model, adapter_name, bm)
     tensors: Dict[str, torch.Tensor] = {}
     sparse_meta: Dict[str, Dict[str, Any]] = {}
     sparse_bytes = dense_bytes = 0
-    for name, m in lins.items():
+    for name, m in _progress(lins.items(), "saving adapters"):
         full = m.nnz == m.out_features * m.in_features  # nothing pruned: the values alone say it all
         tensors[f"{name}.values"] = m.values.detach()
         if not full:
@@ -43,153 +88,52 @@ def _state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[st
         es = m.values.element_size()
         sparse_bytes += m.values.numel() * es + (0 if full else (m.crow_indices.numel() + m.col_indices.numel()) * 4)
         dense_bytes += m.out_features * m.in_features * es
-    dense_names = []
-    for root, mod in _adapter_trainables(model).items():
-        for pn, p in mod.named_parameters():
-            full = f"{root}.{pn}"
-            owner = full.rpartition(".")[0]
-            if owner in lins and pn.endswith("values"):
-                continue
-            dense_names.append((full, p))
-    roots = list(adapter_sites(model))
-    for n in _modules_to_save(model, config, roots):
-        for pn, p in model.get_submodule(n).named_parameters():
-            dense_names.append((f"{n}.{pn}", p))
     other = 0
-    for full, p in dense_names:
+    for full, p in _dense_params(model, adapter_name, config, bm).items():
         if full not in tensors:
             tensors[full] = p.detach()
             other += p.numel() * p.element_size()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    sharded = any(type(v).__name__ == "DTensor" for v in tensors.values())
+    tensors = {k: _full(v).detach().cpu().contiguous() for k, v in tensors.items()}
     stats = dict(nnz=sum(m.nnz for m in lins.values()), dense_weights=sum(m.in_features * m.out_features
                                                                           for m in lins.values()),
                  sparse_weight_bytes=sparse_bytes, dense_weight_bytes=dense_bytes, other_tensor_bytes=other,
-                 sparse_total_bytes=sparse_bytes + other, dense_total_bytes=dense_bytes + other)
+                 sparse_total_bytes=sparse_bytes + other, dense_total_bytes=dense_bytes + other, sharded=sharded)
     return tensors, sparse_meta, stats
 
 
-def _is_temp_name(name: str) -> bool:
-    """A temp file of :func:`save_adapters` (this version's and earlier ones'): ``.<file name>.<id>.tmp``."""
-    return name.endswith(".tmp") and name.startswith(("." + CONFIG_NAME + ".", "." + WEIGHTS_NAME + "."))
-
-
-def _staged_weights_name(digest: str) -> str:
-    """Where a save puts the new weights until its last rename: named after their SHA-256."""
-    return f".{WEIGHTS_NAME}.{digest}.tmp"
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the renames in ``directory`` durable (skipped where directories cannot be fsynced)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Replace ``path`` by ``data`` in one rename: temp file in the same directory, fsync, ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(directory)
+def _portable_name(name: str) -> Optional[str]:
+    """A hub-style or relative base-model name as given; None for an absolute local path (not portable)."""
+    if not name or os.path.isabs(name) or name.startswith("~") or re.match(r"[A-Za-z]:[\\/]", name):
+        return None
+    return name
 
 
 def _base_model_info(model: nn.Module) -> Dict[str, Any]:
     cfg = _model_config(model)
+    name = str(getattr(cfg, "_name_or_path", "") or "") if cfg is not None else ""
     return dict(model_type=_model_type(model), class_name=type(model).__name__, hidden_size=_hidden_size(model),
-                num_layers=_num_layers(model),
-                name_or_path=str(getattr(cfg, "_name_or_path", "") or "") if cfg is not None else "")
+                num_layers=_num_layers(model), name_or_path=_portable_name(name))
 
 
-def _safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
-    """The safetensors file of ``tensors`` with a canonical header (sorted keys): equal input, equal bytes.
-
-    ``safetensors`` writes the ``__metadata__`` entries in hash-map order, which changes between calls.
-    """
-    from safetensors.torch import save as st_save
-
-    blob = st_save(tensors, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned
-    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
+def _site_names(model: nn.Module, name: str, bm=None) -> List[str]:
+    return sorted(logical for logical, _, site in site_entries(model, bm) if name in site.adapter_slots())
 
 
-def _finish_interrupted_save(path: str) -> None:
-    """Clean up after saves into ``path`` that were killed or failed.
-
-    If the config names weights that only the staged file holds (the save stopped between its commit and
-    its last rename), that rename is done now; every other temp file of :func:`save_adapters` is deleted.
-    """
-    temps = {e.path for e in os.scandir(path) if _is_temp_name(e.name) and e.is_file(follow_symlinks=False)}
-    if not temps:
-        return
-    try:
-        doc = read_adapter_config(path)
-        w_path, _ = _read_weights(path, doc)
-    except (OSError, ValueError):  # no loadable checkpoint: none of the temp files belongs to one
-        w_path = None
-    if w_path in temps:
-        os.replace(w_path, os.path.join(path, doc["format"].get("weights_file", WEIGHTS_NAME)))
-        _fsync_dir(path)
-        temps.remove(w_path)
-    for tmp in temps:
-        _remove(tmp)
-
-
-def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
-    """Write ``path/adapter_config.json`` and ``path/adapter_model.safetensors`` (values + int32 indices).
-
-    Crash-safe: at every instant ``path`` loads as the complete previous checkpoint or the complete new
-    one. The new weights go to a staged file named after their SHA-256 (fsynced); then the config, which
-    records that SHA-256, replaces the old one in a single rename (the commit); then the staged file is
-    renamed onto ``adapter_model.safetensors``. :func:`load_adapters` uses the staged file when a save
-    stopped between the last two renames, and the next save finishes that rename and deletes the
-    other temp files (``.adapter_*.tmp``) that killed saves left. Other files in ``path`` are not touched;
-    one writer per ``path`` at a time. The files are the same as before (format version 1), and equal
-    adapters give byte-identical files.
-    Returns the sizes: ``sparse_total_bytes`` (what is stored) vs ``dense_total_bytes`` (dense adapters),
-    ``file_bytes`` (the safetensors file) and ``nnz``.
-    """
-    config = getattr(model, "_sparse_adapter_config", None)
-    if config is None or not adapter_sites(model):
-        raise ValueError(f"model: {type(model).__name__} has no sparse adapters to save (call add_sparse_adapters)")
-    tensors, sparse_meta, stats = _state(model)
+def _save_one(model: nn.Module, path: str, name: str) -> Dict[str, Any]:
+    config = _state_or_raise(model).configs[name]
+    bm = base_modules(model)
+    tensors, sparse_meta, stats = _state(model, name, bm)
+    sharded = stats.pop("sharded")
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "sparse_modules": json.dumps(sparse_meta, sort_keys=True)}
     blob = _safetensors_bytes(tensors, metadata)
     digest = hashlib.sha256(blob).hexdigest()
     stats["file_bytes"] = len(blob)
-    doc = dict(peft_type="SPARSE_ADAPTER", **config.to_dict(),
-               resolved=config.resolved(_hidden_size(model) or 1),
-               base_model=_base_model_info(model), adapter_modules=sorted(adapter_sites(model)),
-               stats=stats,
+    if not _writes(sharded):  # FSDP2: every rank gathered the shards above; rank 0 writes
+        return stats
+    doc = dict(**config.to_dict(), resolved=config.resolved(_hidden_size(model) or 1),
+               base_model=_base_model_info(model), adapter_modules=_site_names(model, name, bm), stats=stats,
                format=dict(name=FORMAT_NAME, version=FORMAT_VERSION, library_version=__version__,
                            weights_file=WEIGHTS_NAME, sha256=digest, index_dtype="int32"))
     os.makedirs(path, exist_ok=True)
@@ -201,6 +145,7 @@ def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
         _atomic_write(os.path.join(path, CONFIG_NAME), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
         os.replace(staged, os.path.join(path, WEIGHTS_NAME))
         _fsync_dir(path)
+        _remove_legacy(path)
     except BaseException:
         try:  # keeps whichever checkpoint is committed; the next save retries what fails here
             _finish_interrupted_save(path)
@@ -210,48 +155,35 @@ def save_adapters(model: nn.Module, path: str) -> Dict[str, Any]:
     return stats
 
 
-def read_adapter_config(path: str) -> Dict[str, Any]:
-    """The parsed ``adapter_config.json`` of a saved adapter directory (clear errors when it is not one)."""
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"load_adapters: {cfg_path} not found (expected a directory written by save_adapters)")
-    try:
-        with open(cfg_path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load_adapters: {cfg_path} is corrupted (not valid JSON: {exc})") from None
-    if not isinstance(doc, dict) or doc.get("format", {}).get("name") != FORMAT_NAME:
-        raise ValueError(f"load_adapters: {cfg_path} was not written by sparseadapter_kernels.save_adapters "
-                         "(no 'format': {'name': 'sparseadapter_kernels'} entry)")
-    version = doc["format"].get("version")
-    if not _is_int(version) or version > FORMAT_VERSION:
-        raise ValueError(f"load_adapters: {cfg_path} has format version {version!r}; this library reads up to "
-                         f"{FORMAT_VERSION} (upgrade sparseadapter_kernels)")
-    digest = doc["format"].get("sha256")
-    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise ValueError(f"load_adapters: {cfg_path} is corrupted (format.sha256 is not a SHA-256 hex digest: "
-                         f"{digest!r})")
-    return doc
+def save_adapters(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+    """Write ``path/compressed_adapter_config.json`` and ``path/compressed_adapter_model.safetensors`` (values +
+    int32 indices) of one adapter; ``adapter_name=None`` saves every adapter of the model, PEFT's way: the
+    adapter named ``"default"`` in ``path``, any other in ``path/<name>``.
 
-
-def _read_weights(path: str, doc: Dict[str, Any]) -> Tuple[str, bytes]:
-    """Path and bytes of the weights file that belongs to the config ``doc`` (its SHA-256 checked).
-
-    That is ``adapter_model.safetensors``, or the staged file of a save that stopped after its commit.
+    Crash-safe: at every instant ``path`` loads as the complete previous checkpoint or the complete new
+    one. The new weights go to a staged file named after their SHA-256 (fsynced); then the config, which
+    records that SHA-256, replaces the old one in a single rename (the commit); then the staged file is
+    renamed onto the weights file. :func:`load_adapters` uses the staged file when a save
+    stopped between the last two renames, and the next save finishes that rename and deletes the
+    other temp files (``.*adapter_*.tmp``) that killed saves left. Other files in ``path`` are not touched
+    (except the superseded ``adapter_config.json`` / ``adapter_model.safetensors`` of an earlier save of
+    ours); one writer per ``path`` at a time. Equal adapters give byte-identical files. A model sharded
+    with FSDP2 (``fully_shard``): call it on every rank (it gathers the shards, a collective); rank 0
+    writes. The file names are not PEFT's, so no other library mistakes the directory for a PEFT adapter
+    (:func:`export_peft_lora` writes that format).
+    Returns the sizes: ``sparse_total_bytes`` (what is stored) vs ``dense_total_bytes`` (dense adapters),
+    ``file_bytes`` (the safetensors file) and ``nnz``; for several adapters ``{name: sizes}``.
     """
-    w_path = os.path.join(path, doc["format"].get("weights_file", WEIGHTS_NAME))
-    digest = doc["format"].get("sha256")
-    candidates = [w_path] if digest is None else [w_path, os.path.join(path, _staged_weights_name(digest))]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            with open(candidate, "rb") as f:
-                blob = f.read()
-            if digest is None or hashlib.sha256(blob).hexdigest() == digest:
-                return candidate, blob
-    if not os.path.isfile(w_path):
-        raise FileNotFoundError(f"load_adapters: {w_path} not found")
-    raise ValueError(f"load_adapters: {w_path} is corrupted or does not belong to {CONFIG_NAME} "
-                     "(SHA-256 mismatch)")
+    state = adapter_state(model)
+    if state is None or not state.configs:
+        raise ValueError(f"model: {type(model).__name__} has no sparse adapters to save (call add_sparse_adapters)")
+    if adapter_name is not None:
+        state.check_known([check_adapter_name(adapter_name)])
+        return _save_one(model, path, adapter_name)
+    names = state.names()
+    if len(names) == 1:
+        return _save_one(model, path, names[0])
+    return {n: _save_one(model, path if n == DEFAULT_ADAPTER else os.path.join(path, n), n) for n in names}
 
 
 def _check_architecture(model: nn.Module, doc: Dict[str, Any], path: str) -> None:
@@ -318,23 +250,9 @@ def _rebuild_weight(name: str, values: torch.Tensor, crow: torch.Tensor, col: to
     return w
 
 
-def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load adapters saved by :func:`save_adapters` into ``model`` (in place; returned).
-
-    A model without adapters gets them inserted from the saved config (no pruning: the sparsity
-    structure comes from the file); a model that already has them must have the same config and sites.
-    Values are restored bit-exact (cast to the model's dtype if it differs). Build the optimizer after.
-    Raises a clear error for a checkpoint from another architecture or a corrupted / mismatched file.
-    """
+def _read_tensors(w_path: str, blob: bytes):
     from safetensors.torch import load as st_load
 
-    doc = read_adapter_config(path)
-    _check_architecture(model, doc, path)
-    try:
-        config = SparseAdapterConfig.from_dict(doc)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"load_adapters: {os.path.join(path, CONFIG_NAME)} holds an invalid config: {exc}") from None
-    w_path, blob = _read_weights(path, doc)
     try:
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
@@ -342,26 +260,54 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
         sparse_meta = json.loads(header.get("__metadata__", {}).get("sparse_modules", "{}"))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"load_adapters: {w_path} is corrupted (not a readable safetensors file: {exc})") from None
+    return tensors, sparse_meta
 
-    sites = adapter_sites(model)
-    if sites:
-        existing = getattr(model, "_sparse_adapter_config", None)
-        if existing is None or existing.to_dict() != config.to_dict() or sorted(sites) != doc.get("adapter_modules"):
+
+def _prepare(model: nn.Module, config: SparseAdapterConfig, doc: Dict[str, Any], path: str, name: str) -> None:
+    """Insert adapter ``name`` from the saved config, or check that the model's adapter of that name is the same."""
+    state = adapter_state(model)
+    saved_class = doc.get("base_model", {}).get("class_name")
+    if state is not None and name in state.configs:
+        if state.configs[name].to_dict() != config.to_dict() or _site_names(model, name) != doc.get("adapter_modules"):
             raise ValueError(f"load_adapters: the model already has adapters that differ from those in {path} "
-                             "(config or sites); load into a fresh model")
-    else:
-        _insert(model, config)
-        if sorted(adapter_sites(model)) != doc.get("adapter_modules"):
-            raise ValueError(f"load_adapters: the adapter sites of {path} do not match the ones inserted into "
-                             f"{type(model).__name__} (checkpoint saved from {doc['base_model'].get('class_name')})")
-    lins = _adapter_sparse_linears(model)
+                             f"(adapter {name!r}: config or sites); load into a fresh model or under another "
+                             "adapter_name")
+        return
+    _insert(model, config, name)
+    if _site_names(model, name) != doc.get("adapter_modules"):
+        delete_adapter(model, name)
+        raise ValueError(f"load_adapters: the adapter sites of {path} do not match the ones inserted into "
+                         f"{type(model).__name__} (checkpoint saved from {saved_class})")
+
+
+def load_adapters(model: nn.Module, path: str, strict: bool = True, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapters` into ``model`` as ``adapter_name`` (in place; returned).
+
+    A model without an adapter of that name gets it inserted from the saved config (no pruning: the
+    sparsity structure comes from the file; a model holding other adapters gets it beside them, inactive
+    unless it is the first); one that already has it must have the same config and sites. Values are
+    restored bit-exact (cast to the model's dtype if it differs). Build the optimizer after. Raises a clear
+    error for a checkpoint from another architecture or a corrupted / mismatched file.
+    """
+    check_adapter_name(adapter_name)
+    doc = read_adapter_config(path)
+    _check_architecture(model, doc, path)
+    try:
+        config = SparseAdapterConfig.from_dict(doc)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"load_adapters: {os.path.join(path, CONFIG_NAME)} holds an invalid config: {exc}") from None
+    w_path, blob = _read_weights(path, doc)
+    tensors, sparse_meta = _read_tensors(w_path, blob)
+    _prepare(model, config, doc, path, adapter_name)
+    trainable = adapter_name in adapter_state(model).active
+    lins = _sparse_parts(model, adapter_name)
     if set(sparse_meta) != set(lins):
         missing = sorted(set(lins) - set(sparse_meta))[:3]
         extra = sorted(set(sparse_meta) - set(lins))[:3]
         raise ValueError(f"load_adapters: sparse modules of {path} do not match the model "
                          f"(missing in file: {missing}, unknown to the model: {extra})")
     used = set()
-    for name, m in lins.items():
+    for name, m in _progress(lins.items(), "loading adapters"):
         meta = sparse_meta[name]
         keys = ("values",) if meta.get("full") else ("values", "crow_indices", "col_indices")
         try:
@@ -375,18 +321,19 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
         w = _rebuild_weight(name, values, crow, col, meta)
         dev, dt = m.values.device, m.values.dtype
         w = w.to(device=dev, dtype=dt)
-        m._values_grad = True
+        m._values_grad = trainable
         m._set_sparse(w)
         used.update(f"{name}.{k}" for k in keys)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _dense_params(model, adapter_name, config)
     for key, t in tensors.items():
         if key in used:
             continue
         p = params.get(key)
         if p is None:
             if strict:
+                saved_from = doc["base_model"].get("class_name")
                 raise ValueError(f"load_adapters: tensor {key!r} of {w_path} names no parameter of "
-                                 f"{type(model).__name__} (checkpoint saved from {doc['base_model'].get('class_name')})")
+                                 f"{type(model).__name__} (checkpoint saved from {saved_from})")
             continue
         if tuple(p.shape) != tuple(t.shape):
             raise ValueError(f"load_adapters: {key} has shape {tuple(t.shape)} in the file but {tuple(p.shape)} "
@@ -394,9 +341,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True) -> nn.Module
         with torch.no_grad():
             p.copy_(t.to(device=p.device, dtype=p.dtype))
         used.add(key)
-    expected, _, _ = _state(model)
-    missing = sorted(set(expected) - used)
+    missing = sorted(set(params) - used)
     if missing and strict:
         raise ValueError(f"load_adapters: {w_path} lacks {len(missing)} adapter tensor(s), e.g. {missing[:3]}")
     return model
-

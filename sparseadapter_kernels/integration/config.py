@@ -23,8 +23,11 @@ _BOTTLENECK_DEFAULTS = {
     "parallel": (2, "relu", 4.0, "lora"),
     "mam": (2, "relu", 4.0, "lora"),
 }
-_BOTTLENECK_FIELDS = ("bottleneck", "activation", "scaling", "init", "prefix_length", "prefix_mlp_hidden")
-_LORA_FIELDS = ("r", "alpha")
+_BOTTLENECK_FIELDS = ("bottleneck", "reduction_factor", "activation", "scaling", "init", "prefix_length",
+                      "prefix_mlp_hidden")
+_LORA_FIELDS = ("r", "alpha", "dropout")
+# PEFT / AdapterHub spellings accepted by the constructor (and from_dict): alias -> field
+ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "non_linearity": "activation"}
 _PREFIX_FIELDS = ("prefix_length", "prefix_mlp_hidden")
 _POSITIVE_INT_FIELDS = ("bottleneck", "r", "prefix_mlp_hidden")
 
@@ -46,8 +49,10 @@ class SparseAdapterConfig:
     its name equals the entry or ends with ``"." + entry``) or a regex string (``re.fullmatch`` on the
     full module name). ``modules_to_save``: modules trained and saved with the adapters (None: the task
     head, i.e. any of ``classifier``/``score``/``qa_outputs``/``classification_head``; ``[]``: none).
-    ``bottleneck`` (default d/16, parallel/mam d/2), ``activation``, ``scaling``, ``init`` (``"bert"``
-    or ``"lora"``), ``init_std`` configure the bottleneck adapters; ``r`` / ``alpha`` LoRA (8 / 8);
+    ``bottleneck`` (default d/16, parallel/mam d/2; or AdapterHub's ``reduction_factor``: d / factor),
+    ``activation``, ``scaling``, ``init`` (``"bert"`` or ``"lora"``), ``init_std`` configure the bottleneck
+    adapters; ``r`` / ``alpha`` / ``dropout`` LoRA (8 / 8 / 0; PEFT's ``lora_alpha`` / ``lora_dropout``
+    are accepted, as is AdapterHub's ``non_linearity`` for ``activation``);
     ``prefix_length`` / ``prefix_mlp_hidden`` the MAM prefix (30 / 800; 0 disables the prefix).
     ``backend`` is the sparse-op backend of the adapters; ``seed`` seeds pruning.
     """
@@ -62,20 +67,33 @@ class SparseAdapterConfig:
     target_modules: Optional[Union[str, List[str]]] = None
     modules_to_save: Optional[List[str]] = None
     bottleneck: Optional[int] = None
+    reduction_factor: Optional[float] = None
     activation: Optional[str] = None
     scaling: Optional[float] = None
     init: Optional[str] = None
     init_std: float = 0.02
     r: Optional[int] = None
     alpha: Optional[float] = None
+    dropout: Optional[float] = None
     prefix_length: Optional[int] = None
     prefix_mlp_hidden: Optional[int] = None
     backend: str = "auto"
     seed: int = 0
+    lora_alpha: dataclasses.InitVar[Optional[float]] = None
+    lora_dropout: dataclasses.InitVar[Optional[float]] = None
+    non_linearity: dataclasses.InitVar[Optional[str]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, lora_alpha=None, lora_dropout=None, non_linearity=None):
         # Each check may normalize its fields (aliases, defaults, tuples); the order decides which error
         # a config with several mistakes reports first.
+        for alias, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout),
+                             ("non_linearity", non_linearity)):
+            if value is not None:
+                field = ALIASES[alias]
+                if getattr(self, field) is not None and getattr(self, field) != value:
+                    raise ValueError(f"{alias}: is another name for {field}; got {field}={getattr(self, field)!r} "
+                                     f"and {alias}={value!r}")
+                setattr(self, field, value)
         self._check_preset()
         self._check_pruning_method()
         self._check_layout()
@@ -157,7 +175,7 @@ class SparseAdapterConfig:
             for name in _LORA_FIELDS:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: applies to preset 'lora'; the {self.preset} adapter size is "
-                                     "`bottleneck`")
+                                     "`bottleneck` (or `reduction_factor`)")
         if self.preset != "mam":
             for name in _PREFIX_FIELDS:
                 if getattr(self, name) is not None:
@@ -170,6 +188,16 @@ class SparseAdapterConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if self.prefix_length is not None and (not _is_int(self.prefix_length) or self.prefix_length < 0):
             raise ValueError(f"prefix_length: expected an int >= 0, got {self.prefix_length!r}")
+        rf = self.reduction_factor
+        if rf is not None:
+            if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf >= 1:
+                raise ValueError(f"reduction_factor: expected a number >= 1 (bottleneck = hidden size / factor), "
+                                 f"got {rf!r}")
+            if self.bottleneck is not None:
+                raise ValueError("reduction_factor: give either bottleneck (a size) or reduction_factor, not both")
+        d = self.dropout
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0):
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {d!r}")
 
     def _check_adapter_style(self) -> None:
         if self.activation is not None:
@@ -184,7 +212,7 @@ class SparseAdapterConfig:
         if self.preset == "lora":
             return dict(r=(self.r or 8) * k, alpha=float(8.0 if self.alpha is None else self.alpha))
         div, act, scaling, init = _BOTTLENECK_DEFAULTS[self.preset]
-        base = self.bottleneck or max(1, hidden_size // div)
+        base = self.bottleneck or max(1, int(hidden_size // (self.reduction_factor or div)))
         out = dict(bottleneck=base * k, activation=self.activation or act,
                    scaling=float(scaling if self.scaling is None else self.scaling), init=self.init or init,
                    init_std=float(self.init_std))
@@ -204,8 +232,8 @@ class SparseAdapterConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "SparseAdapterConfig":
         if not isinstance(d, dict):
             raise TypeError(f"from_dict: expected a dict, got {type(d).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        meta = {"peft_type", "base_model", "adapter_modules", "format", "resolved", "stats"}
+        fields = {f.name for f in dataclasses.fields(cls)} | set(ALIASES)
+        meta = {"peft_type", "base_model", "adapter_modules", "format", "resolved", "stats", "adapter_name"}
         unknown = sorted(set(d) - fields - meta)
         if unknown:
             raise ValueError(f"from_dict: unknown SparseAdapterConfig field(s) {unknown}; known: {sorted(fields)}")

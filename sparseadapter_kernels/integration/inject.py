@@ -2,8 +2,10 @@
 reporting their size."""
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,97 +15,177 @@ from ..backends import check_backend
 from ..modules import (BottleneckAdapter, HoulsbyAdapter, LoRA, ParallelAdapter, PfeifferAdapter, PrefixTuning,
                        SparseLinear)
 from .config import DATA_METHODS, SparseAdapterConfig
-from .layers import (WRAPPERS, ParallelAdapterLayer, PostNormAdapterLayer, PrefixSelfAttention,
-                     ResidualParallelAdapterLayer, SequentialAdapterLayer)
-from .sites import _dtype_device, _hidden_size, _modules_to_save, _plan, _set_submodule, _site_width
+from .layers import SITE_CLASS, SITES, LoRAFactors, LoRALayer, PrefixSelfAttention, site_kind
+from .sites import (_dtype_device, _hidden_size, _modules_to_save, _plan, _set_submodule, _site_width, base_modules,
+                    unwrap)
+from .state import (DEFAULT_ADAPTER, STATE_ATTR, AdapterState, check_adapter_name, install_forward_hooks,
+                    install_model_methods)
 
 PREFIX_MODULE_NAME = "sparse_adapter_prefix"
 _ADAPTER_CLASS = {"houlsby": HoulsbyAdapter, "pfeiffer": PfeifferAdapter, "parallel": ParallelAdapter,
                   "mam": ParallelAdapter}
 
 
+def adapter_state(model: nn.Module) -> Optional[AdapterState]:
+    """The model's :class:`~.state.AdapterState` (None: no sparse adapters)."""
+    return model.__dict__.get(STATE_ATTR)
+
+
+def _state_or_raise(model: nn.Module, what: str = "model") -> AdapterState:
+    state = adapter_state(model)
+    if state is None or not state.configs:
+        raise ValueError(f"{what}: {type(model).__name__} has no sparse adapters (call add_sparse_adapters or "
+                         "load_adapters first)")
+    return state
+
+
 def adapter_sites(model: nn.Module) -> Dict[str, nn.Module]:
-    """``{module name: wrapper}`` of every inserted adapter site (wrappers, LoRA layers, prefix attention)."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, WRAPPERS + (LoRA, PrefixSelfAttention))}
+    """``{module name: site}`` of every adapter site (wrappers, LoRA layers, prefix attention), by real
+    module name (the prefix of its parameters' names)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SITES)}
 
 
-def _adapter_sparse_linears(model: nn.Module) -> Dict[str, SparseLinear]:
-    """``{name: SparseLinear}`` of the adapters' sparse layers (what pruning and the checkpoint handle)."""
-    out = {}
-    for site, m in adapter_sites(model).items():
-        if isinstance(m, PrefixSelfAttention):
+def site_entries(model: nn.Module, bm=None) -> List[Tuple[str, str, nn.Module]]:
+    """``[(logical name, real name, site)]`` of the sites that hold named adapters (ours: not a bare ``LoRA``
+    put in by hand); the logical name is the wrapped module's name in the base model."""
+    return [(logical, real, m) for logical, (real, m) in (bm or base_modules(model)).items()
+            if site_kind(m) is not None and hasattr(m, "adapter_slots")]
+
+
+def prefix_attr(name: str) -> str:
+    """Where the MAM prefix of adapter ``name`` is registered at the model root."""
+    return PREFIX_MODULE_NAME if name == DEFAULT_ADAPTER else f"{PREFIX_MODULE_NAME}_{name}"
+
+
+def adapter_parts(model: nn.Module, name: str, bm=None) -> Dict[str, nn.Module]:
+    """``{key: module}`` of adapter ``name``: ``<site>.adapter`` (bottleneck), ``<site>.lora_A`` /
+    ``<site>.lora_B`` (LoRA), the prefix. Keys use logical site names and the default adapter's
+    attribute names whatever ``name`` is: they are the tensor names of a saved adapter."""
+    out: Dict[str, nn.Module] = {}
+    for logical, _, site in site_entries(model, bm):
+        part = site.adapter_slots().get(name)
+        if part is None or isinstance(site, PrefixSelfAttention):
             continue
-        for sub, lin in m.named_modules():
-            if isinstance(lin, SparseLinear):
-                out[f"{site}.{sub}"] = lin
-    return out
-
-
-def _adapter_trainables(model: nn.Module) -> Dict[str, nn.Module]:
-    """Modules whose parameters are the adapter's (trained and saved): adapters, LoRA factors, prefix."""
-    out = {}
-    for site, m in adapter_sites(model).items():
-        if isinstance(m, LoRA):
-            out[f"{site}.lora_A"] = m.lora_A
-            out[f"{site}.lora_B"] = m.lora_B
-        elif isinstance(m, WRAPPERS):
-            out[f"{site}.adapter"] = m.adapter
-    prefix = getattr(model, PREFIX_MODULE_NAME, None)
+        if site_kind(site) == "lora":
+            out[f"{logical}.lora_A"] = part.lora_A
+            out[f"{logical}.lora_B"] = part.lora_B
+        else:
+            out[f"{logical}.adapter"] = part
+    prefix = getattr(model, prefix_attr(name), None)
     if isinstance(prefix, PrefixTuning):
         out[PREFIX_MODULE_NAME] = prefix
     return out
 
 
-def _insert(model: nn.Module, config: SparseAdapterConfig) -> List[str]:
-    """Freeze the base and insert (dense-storage, density 1) adapters; returns the site names."""
-    if adapter_sites(model):
+def _real_names(model: nn.Module) -> Dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _adapter_sparse_linears(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, SparseLinear]:
+    """``{real module name: SparseLinear}`` of the adapters' sparse layers (of one adapter, or of all)."""
+    state = adapter_state(model)
+    names = [adapter_name] if adapter_name is not None else (state.names() if state is not None else [DEFAULT_ADAPTER])
+    real = _real_names(model)
+    out = {}
+    for name in names:
+        for part in adapter_parts(model, name).values():
+            for lin in part.modules():
+                if isinstance(lin, SparseLinear):
+                    out[real[id(lin)]] = lin
+    return out
+
+
+def _trainable_modules(model: nn.Module, name: str) -> List[nn.Module]:
+    return list(adapter_parts(model, name).values())
+
+
+def _new_part(kind: str, base: nn.Module, model: nn.Module, config: SparseAdapterConfig) -> nn.Module:
+    dtype, device = _dtype_device(base, model)
+    kw = dict(layout=config.layout, block_size=config.block_size if config.layout == "bsr" else None,
+              backend=config.backend, device=device, dtype=dtype)
+    if kind == "lora":
+        hp = config.resolved(base.in_features)
+        return LoRAFactors(base.in_features, base.out_features, r=hp["r"], alpha=hp["alpha"],
+                           dropout=float(config.dropout or 0.0), **kw)
+    d = _site_width(base, kind, model)
+    hp = config.resolved(d)
+    return _ADAPTER_CLASS[config.preset](d, bottleneck=hp["bottleneck"], activation=hp["activation"],
+                                         scaling=hp["scaling"], init=hp["init"], init_std=hp["init_std"], **kw)
+
+
+def _check_plan(model: nn.Module, plan, name: str) -> None:
+    """Refuse, before touching the model, sites that cannot take the new adapter."""
+    bm = base_modules(model)
+    for logical, kind in plan:
+        site = bm[logical][1]
+        have = site_kind(site)
+        if have is None:
+            continue
+        if kind == "prefix" or have == "prefix":
+            raise NotImplementedError(f"adapter_name {name!r}: {logical} already holds the prefix of adapter "
+                                      f"{site.adapter_name!r}; one adapter with prefix tuning per model (use "
+                                      "prefix_length=0 for the parallel part of another 'mam' adapter)")
+        if have != kind:
+            raise ValueError(f"adapter_name {name!r}: {logical} already holds a {have!r} adapter site "
+                             f"(adapters {list(site.adapter_slots())}); a {kind!r} adapter cannot share that module")
+
+
+def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_ADAPTER) -> List[str]:
+    """Freeze the base and insert adapter ``name`` (dense storage, density 1); returns the logical site names."""
+    check_adapter_name(name)
+    state = adapter_state(model)
+    if state is None and adapter_sites(model):
         raise ValueError(f"model: {type(model).__name__} already has sparse adapters "
-                         f"({len(adapter_sites(model))} sites); call add_sparse_adapters / load_adapters once "
-                         "on a fresh model")
+                         f"({len(adapter_sites(model))} sites) inserted outside add_sparse_adapters")
+    if state is not None and name in state.configs:
+        raise ValueError(f"adapter_name: {type(model).__name__} already has sparse adapters named {name!r} "
+                         f"(adapters {state.names()}); pass another adapter_name, or delete_adapter it first")
     plan = _plan(model, config)
-    named = dict(model.named_modules())
+    _check_plan(model, plan, name)
+    first = state is None
+    if first:
+        state = AdapterState()
+        state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.__dict__[STATE_ATTR] = state
+        install_forward_hooks(model)
+        install_model_methods(model)
+        model.requires_grad_(False)
+    state.configs[name] = config
+    if not state.active:
+        state.active = [name]
+    bm = base_modules(model)
     hidden = _hidden_size(model)
-    layer_of_attn = {}
     prefix_sites = [n for n, k in plan if k == "prefix"]
-    model.requires_grad_(False)
     prefix = None
     if prefix_sites:
         hp = config.resolved(hidden)
-        dtype, device = _dtype_device(named[prefix_sites[0]], model)
+        dtype, device = _dtype_device(unwrap(bm[prefix_sites[0]][1]), model)
         prefix = PrefixTuning(hidden, n_layers=len(prefix_sites), prefix_length=hp["prefix_length"],
                               mlp_hidden=hp["prefix_mlp_hidden"], device=device, dtype=dtype)
-        model.add_module(PREFIX_MODULE_NAME, prefix)
-        layer_of_attn = {n: i for i, n in enumerate(prefix_sites)}
-    for name, kind in plan:
-        base = named[name]
-        dtype, device = _dtype_device(base, model)
-        kw = dict(layout=config.layout, block_size=config.block_size if config.layout == "bsr" else None,
-                  backend=config.backend)
-        if kind == "lora":
-            hp = config.resolved(base.in_features)
-            new = LoRA(base, r=hp["r"], alpha=hp["alpha"], **kw)
-        elif kind == "prefix":
-            new = PrefixSelfAttention(base, prefix, layer_of_attn[name])
-        else:
-            d = _site_width(base, kind, model)
-            hp = config.resolved(d)
-            adapter = _ADAPTER_CLASS[config.preset](
-                d, bottleneck=hp["bottleneck"], activation=hp["activation"], scaling=hp["scaling"], init=hp["init"],
-                init_std=hp["init_std"], device=device, dtype=dtype, **kw)
-            cls = {"sequential": SequentialAdapterLayer, "post_norm": PostNormAdapterLayer,
-                   "parallel": ParallelAdapterLayer, "parallel_residual": ResidualParallelAdapterLayer}[kind]
-            new = cls(base, adapter)
+        model.add_module(prefix_attr(name), prefix)
+    for logical, kind in plan:
+        real, mod = bm[logical]
+        base = unwrap(mod)
         base.requires_grad_(False)
-        _set_submodule(model, name, new)
-    for m in _adapter_trainables(model).values():
-        m.requires_grad_(True)
-    roots = list(adapter_sites(model))
-    for n in _modules_to_save(model, config, roots):
-        mod = model.get_submodule(n)
+        if kind == "prefix":
+            site = PrefixSelfAttention(base, prefix, prefix_sites.index(logical), adapter_name=name)
+            site._sa_state = state
+            _set_submodule(model, real, site)
+            continue
+        part = _new_part(kind, base, model, config)
+        site = mod if site_kind(mod) is not None else None
+        if site is None:
+            site = LoRALayer(base, backend=config.backend) if kind == "lora" else SITE_CLASS[kind](base)
+            site._sa_state = state
+            _set_submodule(model, real, site)
+        site.add_adapter_module(name, part)
+    for part in _trainable_modules(model, name):
+        part.requires_grad_(name in state.active)
+    for n in _modules_to_save(model, config):
+        mod = bm[n][1]
         mod.requires_grad_(True)
         _warn_if_tied(model, mod, n)
-    model._sparse_adapter_config = config
+    model._sparse_adapter_config = state.configs[state.names()[0]]
     return [n for n, _ in plan]
 
 
@@ -115,14 +197,42 @@ def _warn_if_tied(model: nn.Module, mod: nn.Module, name: str) -> None:
                       "the embeddings (and saves them with the adapters)", UserWarning, stacklevel=3)
 
 
+@contextlib.contextmanager
+def only_adapter(model: nn.Module, name: str):
+    """Run with adapter ``name`` alone active (not disabled, no mixed batch); restores the state after."""
+    state = adapter_state(model)
+    saved = (list(state.active), state.disabled, state.mixed)
+    state.active, state.disabled, state.mixed = [name], False, None
+    try:
+        yield
+    finally:
+        state.active, state.disabled, state.mixed = saved
+
+
+def as_batches(data) -> Optional[list]:
+    """Pruning data as a list of batches: one Mapping (dict, BatchEncoding) or one ``(inputs, targets)`` pair
+    is a single batch; any other iterable is consumed once."""
+    if data is None:
+        return None
+    if isinstance(data, Mapping) or isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return [data]
+    return data if isinstance(data, list) else list(data)
+
+
 def add_sparse_adapters(model: nn.Module, config: Union[SparseAdapterConfig, str], data: Optional[Iterable] = None,
-                        loss_fn=None) -> nn.Module:
+                        loss_fn=None, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Freeze ``model``, insert the adapters of ``config``, prune them at init on ``data``, convert to sparse.
 
-    ``data``: the pruning batches (dicts for ``model(**batch).loss``, or ``(inputs, targets)`` pairs with
-    ``loss_fn``), needed by snip / grasp (and one batch for synflow's input shape); unused when
-    ``config.sparsity == 0`` (dense adapters). The model is modified in place and returned. Build the
-    optimizer afterwards: pruning replaces the adapters' ``values`` parameters.
+    ``data``: the pruning batches (Mappings such as dicts or BatchEncodings for ``model(**batch).loss``, or
+    ``(inputs, targets)`` pairs with ``loss_fn``; one batch alone is accepted), needed by snip / grasp (and one
+    batch for synflow's input shape); unused when ``config.sparsity == 0`` (dense adapters). The model is
+    modified in place and returned. Build the optimizer afterwards: pruning replaces the ``values`` parameters.
+
+    ``adapter_name``: call again with another name to add further adapters (the first one added is active;
+    later ones are added inactive and frozen, as in PEFT: ``set_adapter`` switches). Pruning scores a new
+    adapter with it alone active.
     """
     if isinstance(config, str):
         config = SparseAdapterConfig(config)
@@ -130,24 +240,26 @@ def add_sparse_adapters(model: nn.Module, config: Union[SparseAdapterConfig, str
         raise TypeError(f"config: expected a SparseAdapterConfig or a preset name, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_adapter_name(adapter_name)
     if config.sparsity > 0 and config.method in DATA_METHODS and data is None:
         raise ValueError(f"data: method={config.method!r} scores the adapters on real batches; pass "
                          "data=[batch, ...] (e.g. 10 batches of 32 training examples), or use method='rand' / "
                          "'magnitude', or sparsity=0 for dense adapters")
-    if data is not None and not isinstance(data, (list, tuple)):
-        data = list(data)  # a generator must survive being iterated by the scorer
-    _insert(model, config)
-    lins = _adapter_sparse_linears(model)
+    data = as_batches(data)  # a generator must survive being iterated by the scorer
+    _insert(model, config, adapter_name)
+    lins = _adapter_sparse_linears(model, adapter_name)
     if config.sparsity > 0:
-        pruning.prune_at_init(model, method=config.method, sparsity=config.sparsity, data=data, loss_fn=loss_fn,
-                              scope=config.scope, block_size=config.block_size, layout=config.layout, apply=True,
-                              seed=config.seed, modules=list(lins))
+        with only_adapter(model, adapter_name):
+            pruning.prune_at_init(model, method=config.method, sparsity=config.sparsity, data=data, loss_fn=loss_fn,
+                                  scope=config.scope, block_size=config.block_size, layout=config.layout, apply=True,
+                                  seed=config.seed, modules=list(lins))
     return model
 
 
-def adapter_stats(model: nn.Module) -> Dict[str, Any]:
-    """Kept / dense adapter weights, trainable / all parameters, and dense vs sparse storage bytes."""
-    lins = _adapter_sparse_linears(model)
+def adapter_stats(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+    """Kept / dense adapter weights (of one adapter, or all), trainable / all parameters, and dense vs sparse
+    storage bytes."""
+    lins = _adapter_sparse_linears(model, adapter_name)
     kept = sum(m.nnz for m in lins.values())
     dense = sum(m.in_features * m.out_features for m in lins.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -179,4 +291,3 @@ def set_adapter_backend(model: nn.Module, backend: str) -> None:
     for m in model.modules():
         if isinstance(m, (SparseLinear, BottleneckAdapter, LoRA)):
             m.backend = backend
-

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import SparseAdapterConfig, _is_int
+from .layers import site_kind
 
 # Architectures: regexes (re.fullmatch on module names) of the insertion sites.
 # attn_out: attention output projection (Linear); ffn_out: FFN output projection (Linear);
@@ -82,8 +83,33 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or "layernorm" in name or "rmsnorm" in name
 
 
-def _inside_adapter(name: str, adapter_roots: Sequence[str]) -> bool:
-    return any(name == r or name.startswith(r + ".") for r in adapter_roots)
+def base_modules(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
+    """``{logical name: (real name, module)}`` of the base model's modules, in model order.
+
+    An adapter site stands for the module it wraps: it has that module's name, the wrapped module (its
+    ``.base``) is hidden and the modules inside it keep their names without ``.base``; the adapters'
+    own modules are left out. Without adapters, logical and real names are ``named_modules()``'s.
+    """
+    out: Dict[str, Tuple[str, nn.Module]] = {}
+
+    def visit(mod: nn.Module, real: str, logical: str) -> None:
+        out[logical] = (real, mod)
+        children = mod._modules.items()
+        if site_kind(mod) is not None:
+            base = mod._modules["base"]
+            real = f"{real}.base" if real else "base"
+            children = base._modules.items()
+        for name, child in children:
+            if child is not None:
+                visit(child, f"{real}.{name}" if real else name, f"{logical}.{name}" if logical else name)
+
+    visit(model, "", "")
+    return out
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module an adapter site wraps (the module itself when it is not a site)."""
+    return module._modules["base"] if site_kind(module) is not None else module
 
 
 def _match(names: Sequence[str], pattern: Union[str, List[str]], what: str, model: nn.Module) -> List[str]:
@@ -109,6 +135,7 @@ def _sample_names(names: Sequence[str], k: int = 8) -> List[str]:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the *real* module name ``name``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -121,9 +148,10 @@ def _dtype_device(module: nn.Module, model: nn.Module):
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def _modules_to_save(model: nn.Module, config: SparseAdapterConfig, roots: Sequence[str]) -> List[str]:
-    """Base modules (outside the adapter ``roots``) trained and saved with the adapters: the task head by default."""
-    names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n, roots)]
+def _modules_to_save(model: nn.Module, config: SparseAdapterConfig, bm=None) -> List[str]:
+    """Base modules (logical names; no adapter site) trained and saved with the adapters: the task head by default.
+    ``bm``: :func:`base_modules` of the model, when the caller has it."""
+    names = [n for n, (_, m) in (bm or base_modules(model)).items() if n and site_kind(m) is None]
     if config.modules_to_save is None:
         return [n for n in names if n.rpartition(".")[2] in DEFAULT_HEADS
                 and not any(n.startswith(o + ".") for o in names if o.rpartition(".")[2] in DEFAULT_HEADS and o != n)]
@@ -137,8 +165,10 @@ def _modules_to_save(model: nn.Module, config: SparseAdapterConfig, roots: Seque
 
 
 def _plan(model: nn.Module, config: SparseAdapterConfig) -> List[Tuple[str, str]]:
-    """``[(module name, site kind)]`` where adapters go; clear errors for unknown models / bad targets."""
-    named = dict(model.named_modules())
+    """``[(logical module name, site kind)]`` where adapters go; clear errors for unknown models / bad targets.
+
+    A module that already is an adapter site counts as the module it wraps."""
+    named = {n: unwrap(m) for n, (_, m) in base_modules(model).items()}
     names = [n for n in named if n]
     fam = _family(model, names)
     arch = ARCHITECTURES.get(fam) if fam else None

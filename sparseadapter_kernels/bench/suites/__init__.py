@@ -39,6 +39,8 @@ SUITES: Dict[str, Tuple[str, str]] = {
     "model": ("model", "adapter overhead inside a BERT-base-width encoder (1x128, 8x128, 32x128 tokens; fwd, "
                        "fwd+bwd; fp32, bf16): no adapters, dense Houlsby, the official dense-mask way at 0.8, ours at "
                        "0.8, Large-Sparse k=4"),
+    "mixed-batch": ("mixed_batch", "N adapters x a batch of mixed requests: ours (one forward, adapter_names=) vs a "
+                                   "loop over adapters vs PEFT's mixed LoRA batch"),
     "hbm": ("gpu_common", "GPU copy bandwidth (the HBM floor's denominator) and a bf16 GEMM (the compute ceiling)"),
     "gpu-products": ("gpu_products", "CSR forward/dx/SDDMM (CUDA kernels) vs torch.sparse, cuBLAS, reference; BSR "
                                      "products (Triton) vs torch's bsr_dense_mm and cuBLAS"),

@@ -1,0 +1,201 @@
+"""Several named adapters on one model: choose the active ones, disable them, run a mixed batch, delete one,
+merge LoRA into the base weights, and unload (the base model back, bit-exact)."""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from .inject import _state_or_raise, adapter_parts, adapter_state, prefix_attr, site_entries
+from .layers import PrefixSelfAttention, site_kind
+from .sites import _set_submodule, unwrap
+from .state import STATE_ATTR, AdapterState, check_adapter_name, remove_forward_hooks, remove_model_methods
+
+
+def list_adapters(model: nn.Module) -> List[str]:
+    """The names of the model's sparse adapters, in insertion order ([] without adapters)."""
+    state = adapter_state(model)
+    return state.names() if state is not None else []
+
+
+def active_adapters(model: nn.Module) -> List[str]:
+    """The active adapters (what a forward applies, unless disabled or given ``adapter_names``)."""
+    return list(_state_or_raise(model).active)
+
+
+def _names(state: AdapterState, names, what: str) -> List[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"{what}: expected an adapter name or a non-empty list of names")
+    for n in names:
+        check_adapter_name(n)
+    state.check_known(names, what)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: {names} names an adapter twice")
+    return names
+
+
+def set_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> None:
+    """Make ``adapter_name`` (a name or a list) the active adapters; they train, the others are frozen (PEFT).
+
+    A list follows AdapterHub's ``Stack`` where it is defined: at a site holding several of them, sequential
+    bottleneck adapters (houlsby, pfeiffer) run one after the other in list order, the output of one the input
+    of the next. Parallel adapters and LoRA have no order: their outputs are added (``base(x) + sum_a A_a(x)``,
+    PEFT's meaning of several active LoRA adapters). A site without some of them runs the others.
+    """
+    state = _state_or_raise(model, "set_adapter")
+    names = _names(state, adapter_name, "set_adapter")
+    state.active = names
+    for n in state.names():
+        for part in adapter_parts(model, n).values():
+            part.requires_grad_(n in names)
+
+
+def _refuse_if_merged(state: AdapterState, what: str) -> None:
+    if state.merged:
+        raise RuntimeError(f"{what}: adapters {state.merged} are merged into the base weights; unmerge them first "
+                           "(sparseadapter_kernels.unmerge_adapter)")
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """``with disable_adapter(model):`` runs the base model alone (PEFT's context manager)."""
+    state = _state_or_raise(model, "disable_adapter")
+    _refuse_if_merged(state, "disable_adapter")
+    previous, state.disabled = state.disabled, True
+    try:
+        yield model
+    finally:
+        state.disabled = previous
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model alone until :func:`enable_adapters` (transformers' ``disable_adapters``)."""
+    state = _state_or_raise(model, "disable_adapters")
+    _refuse_if_merged(state, "disable_adapters")
+    state.disabled = True
+
+
+def enable_adapters(model: nn.Module) -> None:
+    _state_or_raise(model, "enable_adapters").disabled = False
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """``with mixed_batch(model, names):`` every forward inside runs example ``i`` with adapter ``names[i]``
+    (``"__base__"``: no adapter), like ``model(**inputs, adapter_names=names)``. The base layers run once on
+    the whole batch; each adapter runs on its examples' rows."""
+    state = _state_or_raise(model, "mixed_batch")
+    previous = state.mixed
+    state.set_mixed(adapter_names)
+    try:
+        yield model
+    finally:
+        state.mixed = previous
+        state._groups = {}
+
+
+def _by_depth(model: nn.Module):
+    """Sites, deepest first: unwrapping one leaves the real names of the others valid."""
+    return sorted(site_entries(model), key=lambda e: e[1].count("."), reverse=True)
+
+
+def delete_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> None:
+    """Remove adapter(s) from every site; a site left without adapters becomes its base module again. Deleting
+    the last adapter is :func:`unload`. An active adapter deleted leaves the others active (or the first one)."""
+    state = _state_or_raise(model, "delete_adapter")
+    names = _names(state, adapter_name, "delete_adapter")
+    if set(names) >= set(state.names()):
+        unload(model)
+        return
+    for name in names:
+        if name in state.merged:
+            unmerge_adapter(model, name)
+        for _, real, site in _by_depth(model):
+            if name not in site.adapter_slots():
+                continue
+            if not isinstance(site, PrefixSelfAttention):
+                site.remove_adapter_module(name)
+            if isinstance(site, PrefixSelfAttention) or not site.adapter_slots():
+                _set_submodule(model, real, unwrap(site))
+        if hasattr(model, prefix_attr(name)):
+            delattr(model, prefix_attr(name))
+        del state.configs[name]
+    state.active = [n for n in state.active if n not in names] or state.names()[:1]
+    model._sparse_adapter_config = state.configs[state.names()[0]]
+
+
+def _check_mergeable(state: AdapterState, names: List[str], what: str) -> None:
+    for n in names:
+        preset = state.configs[n].preset
+        if preset != "lora":
+            raise ValueError(f"{what}: adapter {n!r} is a {preset!r} bottleneck adapter, which cannot be merged: "
+                             "its output up(act(down(z))) goes through a nonlinearity, so no change of a linear "
+                             "weight reproduces it (only LoRA adapters, W0 + (alpha/r) B A, merge)")
+
+
+def merge_adapter(model: nn.Module, adapter_names: Optional[Union[str, Sequence[str]]] = None) -> List[str]:
+    """Fold LoRA adapters (default: the active ones) into the base weights: ``W0 += (alpha/r) B A`` on the
+    entries the kept A and B reach (a scatter-add; the original entries are kept, so :func:`unmerge_adapter`
+    restores the base bit-exact). Merged adapters no longer run as separate ops. Returns the merged names."""
+    state = _state_or_raise(model, "merge_adapter")
+    names = _names(state, state.active if adapter_names is None else adapter_names, "merge_adapter")
+    _check_mergeable(state, names, "merge_adapter")
+    done = []
+    for name in names:
+        if name in state.merged:
+            continue
+        for _, _, site in site_entries(model):
+            if site_kind(site) == "lora" and name in site.adapter_slots():
+                site.merge_adapter(name)
+        state.merged.append(name)
+        done.append(name)
+    return done
+
+
+def unmerge_adapter(model: nn.Module, adapter_names: Optional[Union[str, Sequence[str]]] = None) -> None:
+    """Undo :func:`merge_adapter` (default: every merged adapter); the base weights come back bit-exact."""
+    state = _state_or_raise(model, "unmerge_adapter")
+    names = list(state.merged) if adapter_names is None else _names(state, adapter_names, "unmerge_adapter")
+    keep = [n for n in state.merged if n not in names]
+    for name in reversed(state.merged):  # in reverse merge order: each restores what its merge found
+        for _, _, site in site_entries(model):
+            if site_kind(site) == "lora" and name in site.adapter_slots():
+                site.unmerge_adapter(name)
+    state.merged = []
+    if keep:
+        merge_adapter(model, keep)
+
+
+def unload(model: nn.Module, _keep_merged: bool = False) -> nn.Module:
+    """Remove every adapter: the base model exactly as before ``add_sparse_adapters`` (its modules back in
+    place, LoRA unmerged, the requires_grad flags restored, no hook or method of ours left). Returned."""
+    state = _state_or_raise(model, "unload")
+    if not _keep_merged and state.merged:
+        unmerge_adapter(model)
+    for _, real, site in _by_depth(model):
+        _set_submodule(model, real, unwrap(site))
+    for name in state.names():
+        if hasattr(model, prefix_attr(name)):
+            delattr(model, prefix_attr(name))
+    for n, p in model.named_parameters():
+        p.requires_grad_((state.requires_grad or {}).get(n, p.requires_grad))
+    remove_forward_hooks(model)
+    remove_model_methods(model)
+    del model.__dict__[STATE_ATTR]
+    model.__dict__.pop("_sparse_adapter_config", None)
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[Union[str, Sequence[str]]] = None) -> nn.Module:
+    """Merge LoRA adapters (default: the active ones) and return the plain base model holding them (PEFT's
+    ``merge_and_unload``); other adapters are dropped. Bottleneck adapters raise: they cannot merge."""
+    state = _state_or_raise(model, "merge_and_unload")
+    names = _names(state, state.active if adapter_names is None else adapter_names, "merge_and_unload")
+    _check_mergeable(state, names, "merge_and_unload")
+    others = [n for n in state.merged if n not in names]
+    if others:
+        unmerge_adapter(model, others)
+    merge_adapter(model, names)
+    return unload(model, _keep_merged=True)
