@@ -68,7 +68,7 @@ def _model(setting: str, dims: dict, seed: int):
     cfg = transformers.BertConfig(hidden_size=dims["hidden"], num_attention_heads=dims["heads"],
                                   intermediate_size=dims["ffn"], num_hidden_layers=dims["layers"], vocab_size=128,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)  # frozen, as with adapters
     kwargs, backend = SETTINGS[setting]
     if kwargs is not None:
         sak.add_sparse_adapters(model, sak.SparseAdapterConfig("houlsby", bottleneck=dims["r"], **kwargs))
