@@ -198,13 +198,17 @@ def ckpt(tmp_path_factory):
     return Checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
-@pytest.fixture(scope="module")
-def server(ckpt):
+def _serving(ckpt):
     if not hasattr(os, "fork"):
         pytest.skip("the saver subprocess forks its savers (POSIX only)")
     s = Server(ckpt.target, ckpt.dirs["A"], ckpt.dirs["B"])
     yield s
     s.close()
+
+
+server = pytest.fixture(scope="module", name="server")(_serving)
+# the SIGKILL test's own saver subprocess: it leaves none of its state to later tests
+own_server = pytest.fixture(name="own_server")(_serving)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,16 +227,6 @@ def test_save_is_byte_deterministic(tmp_path, ckpt, server):
     ckpt.reset("B")
     assert server.save("A", stop_at=10 ** 6) == 0  # another process, another hash seed
     assert files(ckpt.target) == a
-
-
-@pytest.fixture
-def own_server(ckpt):
-    """A saver subprocess of the test's own: the SIGKILL test leaves none of its state to later tests."""
-    if not hasattr(os, "fork"):
-        pytest.skip("the saver subprocess forks its savers (POSIX only)")
-    s = Server(ckpt.target, ckpt.dirs["A"], ckpt.dirs["B"])
-    yield s
-    s.close()
 
 
 def test_sigkill_at_random_points(ckpt, own_server, tmp_path):
