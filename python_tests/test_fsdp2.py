@@ -6,7 +6,6 @@ Runs like ``test_ddp_two_processes_gloo`` (test_integration.py): spawned workers
 gloo teardown can deadlock on the GIL), under a watchdog.
 """
 import os
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import sparseadapter_kernels as sak
 from sparseadapter_kernels import integration
 from sparseadapter_kernels.integration import SparseAdapterConfig, add_sparse_adapters
 
-from test_integration import _free_port, batch, build
+from test_integration import batch, build, run_gloo
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,22 +32,6 @@ def adapted():
 
 def rank_batch(step, rank):
     return batch("bert", seed=1000 + 10 * step + rank)
-
-
-def _worker(rank, world, port, out_dir):
-    import sys
-    import traceback
-
-    code = 1
-    try:
-        alive = _train(rank, world, port, out_dir)  # noqa: F841 (kept alive until os._exit)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def _train(rank, world, port, out_dir):
@@ -79,22 +62,11 @@ def _train(rank, world, port, out_dir):
 
 
 def test_fsdp2_two_processes_match_one_process_and_save_from_shards(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not available")
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("FSDP2 workers did not finish within 600 s")
+    run_gloo(_train, tmp_path, "FSDP2")
     # one process, both ranks' batches: FSDP2 averages the two ranks' gradients, so does the mean of the losses
     ref = adapted()
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR)

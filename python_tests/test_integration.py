@@ -5,7 +5,6 @@ zero through training, save -> load bit-exact into a freshly built model, atomic
 DDP (two gloo processes on CPU), torch.compile, the MAM prefix attention.
 """
 import copy
-import glob
 import json
 import os
 import socket
@@ -199,7 +198,6 @@ def test_base_frozen_head_and_adapters_train_pruned_stay_zero(arch, preset):
     nnz = {n: m.nnz for n, m in lins.items()}
     values_before = {n: m.values.detach().clone() for n, m in lins.items()}
     kept = sum(nnz.values())
-    dense = sum(m.in_features * m.out_features for m in lins.values())
     assert kept == sum(round(0.25 * m.in_features * m.out_features) for m in lins.values())  # exact per tensor
     train_steps(model, arch)
     for n, p in model.named_parameters():
@@ -520,17 +518,18 @@ def test_torch_compile_inductor_matches_eager():
 # ---------------------------------------------------------------------------------------------
 # DDP: two CPU processes, gloo
 # ---------------------------------------------------------------------------------------------
-def _ddp_worker(rank, world, port, out_dir):
-    """One DDP replica. It ends with os._exit while the DDP module is still alive: letting Python tear
-    down the DDP reducer can deadlock (torch's ProcessGroupGloo destructor joins its gloo thread while
-    the main thread holds the GIL, and that thread needs the GIL to drop a Python object; seen on
-    2026-12-02, in a CI run and in a local one)."""
+def _gloo_worker(rank, train, world, port, out_dir):
+    """One process of a gloo test running ``train(rank, world, port, out_dir)``. It ends with os._exit
+    while what ``train`` returns is still alive: letting Python tear down a DDP reducer (or FSDP state) can
+    deadlock (torch's ProcessGroupGloo destructor joins its gloo thread while the main thread holds the
+    GIL, and that thread needs the GIL to drop a Python object; seen on 2026-12-02, in a CI run and in a
+    local one)."""
     import sys
     import traceback
 
     code = 1
     try:
-        alive = _ddp_train(rank, world, port, out_dir)  # noqa: F841 (kept alive until os._exit)
+        alive = train(rank, world, port, out_dir)  # noqa: F841 (kept alive until os._exit)
         code = 0
     except BaseException:
         traceback.print_exc()
@@ -538,6 +537,22 @@ def _ddp_worker(rank, world, port, out_dir):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def run_gloo(train, out_dir, what: str, world: int = 2, timeout: float = 600) -> None:
+    """Spawn ``world`` gloo processes running ``train`` under a watchdog (skips without gloo)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    ctx = mp.spawn(_gloo_worker, args=(train, world, _free_port(), str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} workers did not finish within {timeout:.0f} s")
 
 
 def _ddp_train(rank, world, port, out_dir):
@@ -560,7 +575,7 @@ def _ddp_train(rank, world, port, out_dir):
         state.update({f"{n}.col_indices": m.col_indices.clone()
                       for n, m in integration._adapter_sparse_linears(model).items()})
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-        return ddp, opt, model  # the caller exits without destroying them (see _ddp_worker)
+        return ddp, opt, model  # the caller exits without destroying them (see _gloo_worker)
     finally:
         dist.destroy_process_group()
 
@@ -572,18 +587,7 @@ def _free_port():
 
 
 def test_ddp_two_processes_gloo(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 600 s")
+    run_gloo(_ddp_train, tmp_path, "DDP")
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a.keys() == b.keys() and any(k.endswith("adapter.down.values") for k in a)
     for k in a:
