@@ -2,16 +2,20 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# The CPU wheel of torch 2.13.0 (on disk here); override e.g. TORCH=torch==2.11.0 elsewhere.
+# The CPU wheel of torch 2.13.0 (on disk here); override e.g. TORCH=torch==2.11.0 elsewhere (with LOCK= : the
+# lock's versions of torch's dependencies are those of torch 2.13.0).
 TORCH  ?= torch==2.13.0
+# The tested versions of everything else (pip constraints): a fresh venv gets exactly these; LOCK= for none.
+LOCK   ?= requirements-lock.txt
+PIP_LOCK = $(if $(LOCK),-c $(LOCK))
 
-.PHONY: venv build cmake-build test bench clean
+.PHONY: venv build cmake-build test test-latest bench clean
 
-$(VENV)/.deps: requirements-dev.txt
+$(VENV)/.deps: requirements-dev.txt $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --upgrade pip $(PIP_LOCK)
+	$(PY) -m pip install -q "$(TORCH)" $(PIP_LOCK)
+	$(PY) -m pip install -q -r requirements-dev.txt $(PIP_LOCK)
 	touch $@
 
 venv: $(VENV)/.deps
@@ -35,6 +39,24 @@ test: build cmake-build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider
 	# Triton kernels on the CPU: TRITON_INTERPRET must be set before triton is imported, hence its own process
 	TRITON_INTERPRET=1 $(PY) -m pytest python_tests/test_triton.py -m interpret -q -p no:cacheprovider
+
+# The newest versions requirements-dev.txt allows (no lock; torch still $(TORCH): a bare torch pulls a
+# multi-GB CUDA build) in their own venv, on a fast subset of the suite (the tests that exercise
+# transformers / PEFT / accelerate, what newer releases break): a report, not a gate (.ci/run).
+# --upgrade-strategy eager: every dependency to its newest, in an existing venv too ($(TORCH) named with them
+# holds torch). The kernels are the ones `build` compiled in place (the same Python and torch): no second build.
+# The subset: about 5 of the suite's 15 minutes on 2 cores, without the torch.compile and DDP tests (torch is the
+# same in both venvs: they would test nothing new).   make test-latest [LATEST_TESTS=python_tests LATEST_K=]
+LATEST       ?= build/venv-latest
+LATEST_TESTS ?= python_tests/test_adapters_workflow.py python_tests/test_integration.py python_tests/test_trainer.py
+LATEST_K     ?= not torch_compile and not ddp
+test-latest: build
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" -r requirements-dev.txt
+	SAK_NO_EXTENSION=1 $(LATEST)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|safetensors|numpy)=='
+	$(LATEST)/bin/python -m pytest $(LATEST_TESTS) $(if $(LATEST_K),-k "$(LATEST_K)") -q -p no:cacheprovider
 
 # THP_MEM_ALLOC_ENABLE=1: torch backs tensors of >= 2 MB with huge pages, so outputs of more than 32 MiB
 # (always mmapped fresh by glibc) fault in 2 MB at a time in every implementation (docs/benchmarking.md)

@@ -139,7 +139,10 @@ class SparseWeight:
         out_f, in_f = weight.shape
         if out_f == 0 or in_f == 0:
             raise ValueError(f"weight: expected a non-empty shape, got {tuple(weight.shape)}")
+        check_fits_int32("in_features", in_f)
+        check_fits_int32("out_features", out_f)
         if mask is None:
+            check_fits_int32("nnz", int(torch.count_nonzero(weight)))  # before the mask of every entry is built
             mask = weight != 0
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
@@ -153,11 +156,9 @@ class SparseWeight:
                 if bool(bad.any()):
                     raise ValueError("mask: expected a bool (or 0/1) tensor, got values other than 0 and 1")
             mask = mask != 0
-        check_fits_int32("in_features", in_f)
-        check_fits_int32("out_features", out_f)
         weight = weight.detach()
         if layout == "csr":
-            check_fits_int32("nnz", int(mask.sum().item()))
+            check_fits_int32("nnz", int(torch.count_nonzero(mask)))  # count_nonzero: no int64 copy of the mask
             rows, cols = mask.nonzero(as_tuple=True)  # row-major order
             values = weight[rows, cols].contiguous()
             n_block_rows, n_block_cols = out_f, in_f
@@ -171,7 +172,7 @@ class SparseWeight:
                 n_bad = int((block_any & ~block_all).sum().item())
                 raise ValueError(f"mask: not aligned to block_size {(bh, bw)}: {n_bad} block(s) are partly kept; "
                                  "prune with prune_at_init(..., block_size=...) or use layout='csr'")
-            check_fits_int32("nnz", int(block_any.sum().item()) * bh * bw)
+            check_fits_int32("nnz", int(torch.count_nonzero(block_any)) * bh * bw)
             rows, cols = block_any.nonzero(as_tuple=True)
             w_tiles = weight.reshape(out_f // bh, bh, in_f // bw, bw).permute(0, 2, 1, 3)
             values = w_tiles[rows, cols].contiguous()

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import ops
 from .backends import check_backend
-from .formats import STRUCTURE_FIELDS, SparseWeight, check_block_size, check_layout
+from .formats import STRUCTURE_FIELDS, SparseWeight, check_block_size, check_fits_int32, check_layout
 from .reference import canonical_activation
 
 
@@ -88,6 +88,7 @@ class SparseLinear(nn.Module):
         if layout == "bsr" and (out_features % bs[0] or in_features % bs[1]):
             raise ValueError(f"block_size: {bs} does not divide the weight shape {(out_features, in_features)}")
         check_backend(backend)
+        check_fits_int32("in_features * out_features", in_features * out_features)  # before the dense init
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default

@@ -33,11 +33,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from . import ops
 from .formats import check_block_size
 from .modules import SparseLinear, check_sparsity
+from .progress import progress
 
 METHODS = ("rand", "magnitude", "snip", "grasp", "synflow")
 ALIASES = {"random": "rand", "mag": "magnitude"}
@@ -85,12 +85,6 @@ def large_sparse(bottleneck: int = 64, k: int = 4) -> LargeSparse:
 # ---------------------------------------------------------------------------------------------
 # Helpers: batches, losses, model state
 # ---------------------------------------------------------------------------------------------
-def _progress(items, desc: str, total: Optional[int] = None):
-    """A progress bar on a terminal for 2+ steps (tqdm; nothing when stderr is not a terminal)."""
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    return tqdm(items, desc=desc, total=total, leave=False, disable=None if (total or 0) > 1 else True)
-
-
 def _as_batches(data) -> list:
     """One Mapping (dict, transformers' BatchEncoding), tensor or ``(inputs, targets)`` pair is one batch."""
     if isinstance(data, (Mapping, torch.Tensor)) or (isinstance(data, tuple) and len(data) == 2
@@ -204,7 +198,7 @@ def _scores_snip(model, targets, batches, loss_fn, seed):
     mods = [m for _, m in targets]
     values = [m.values for m in mods]
     with _surrogate_for_zero_tensors(mods, seed), _scoring_state(model, values), ops.backend_override("reference"):
-        for batch in _progress(batches, "snip scores"):
+        for batch in progress(batches, "snip scores"):
             _batch_loss(model, batch, loss_fn).backward()
         return [(v.grad.double() * v.detach().double()).abs().cpu() if v.grad is not None
                 else torch.zeros(v.shape, dtype=torch.float64) for v in values]
@@ -219,7 +213,7 @@ def _scores_grasp(model, targets, batches, loss_fn, seed):
     with _surrogate_for_zero_tensors(mods, seed), _scoring_state(model, values), \
             ops.backend_override("reference"), math_sdpa:
         g = [torch.zeros_like(v) for v in values]
-        bar = _progress(range(2 * len(batches)), "grasp scores")
+        bar = progress(range(2 * len(batches)), "grasp scores")
         for batch in batches:
             bar.update()
             grads = torch.autograd.grad(_batch_loss(model, batch, loss_fn), values, allow_unused=True)
@@ -263,7 +257,7 @@ def _scores_synflow(model, targets, batches, seed):
     if not batches:
         raise ValueError("data: synflow is data-free but needs one example batch for the input shape; got none")
     names = [n for n, _ in targets]
-    bar = _progress(range(3), "synflow: copy, |theta|, scores", total=3)
+    bar = progress(range(3), "synflow: copy, |theta|, scores", total=3)
     work = copy.deepcopy(model).double()
     bar.update()
     work_mods = dict(work.named_modules())

@@ -10,8 +10,10 @@ Where tables come from, first match wins (:func:`decision_table`):
    under a key naming the CPU (model, vendor, family, model number), the ISA the kernels run, the
    threads, the torch and library versions (:func:`machine_key`). The file is
    ``$SAK_TUNING_CACHE``, else ``$XDG_CACHE_HOME/sparseadapter_kernels/tuning.json`` (``~/.cache``);
-   writers take a lock and merge, so two processes tuning at once lose nothing; a corrupt file is
-   ignored with one warning;
+   writers take a lock and merge, so two processes tuning at once lose nothing. A bad table or entry
+   (NaN, wrong types, unsorted, ...) is ignored by itself and an unreadable file (not JSON, another format,
+   over 4 MiB) as a whole, with one warning: ``auto`` never raises because of the file. A writer keeps
+   what it cannot read: bad entries are written back as they were, an unreadable file is moved aside;
 2. a **committed measurement** (:data:`sparseadapter_kernels.dispatch.CROSSOVER`) when this machine is
    the kind it was measured on (same CPU vendor and family and kernel ISA);
 3. otherwise the **conservative prior** (:data:`CONSERVATIVE_PRIOR`): the kernels only where they won
@@ -24,9 +26,15 @@ compute the same product).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import numbers
 import os
+import reprlib
+import stat
 import tempfile
+import time
+import uuid
 import warnings
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
@@ -93,54 +101,161 @@ def cache_path() -> str:
     return os.path.join(base, "sparseadapter_kernels", "tuning.json")
 
 
-_LOADED: Dict[str, Dict[str, dict]] = {}  # path -> entries, as this process first read them
+_LOADED: Dict[str, Dict[str, dict]] = {}  # path -> usable entries, as this process first read them
 _WARNED = set()
 _GENERATION = [0]
+MAX_BYTES = 4 << 20  # a cache of a few machines is a few KB: a bigger file is not one
+MAX_DEPTH = 32       # a cache is 7 levels deep (document, entries, entry, tables, table, pair, number)
+MAX_TOKENS = 2 ** 62
+
+
+class _Unreadable(ValueError):
+    """The file's content is not a tuning cache of this format as a whole (ignored; ``store`` moves it aside)."""
+
+
+def _brief(obj) -> str:
+    """A short repr of anything read from the file (bounded in length and depth)."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlevel = 240, 80, 3
+    return r.repr(obj)
+
+
+def _too_deep(doc) -> bool:
+    stack = [(doc, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(obj, (dict, list)):
+            stack.extend((v, depth + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return False
+
+
+def _load(path: str) -> Optional[dict]:
+    """The cache file as parsed, ``{"format": 1, "entries": {key: entry}}`` with the entries unchecked;
+    None when there is no file. Raises :class:`_Unreadable` when the content cannot be read as a whole
+    (not a regular file, over MAX_BYTES, not UTF-8 JSON, nested too deeply, another format) and OSError
+    when the file cannot be opened (a directory, no permission)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _Unreadable("not a regular file")
+    if st.st_size > MAX_BYTES:
+        raise _Unreadable(f"{st.st_size} bytes, over the {MAX_BYTES} a tuning cache can have")
+    with open(path, "rb") as f:
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise _Unreadable(f"over the {MAX_BYTES} bytes a tuning cache can have")
+    try:
+        # NaN/Infinity parse as floats here; _check_table refuses them table by table
+        doc = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise _Unreadable("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of too many digits
+        raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(doc, dict) or type(doc.get("format")) is not int or not isinstance(doc.get("entries"), dict):
+        raise _Unreadable(f"not a format-{FORMAT} tuning cache")
+    if doc["format"] != FORMAT:
+        raise _Unreadable(f"format {doc['format']}, this version of sparseadapter_kernels reads format {FORMAT}")
+    if _too_deep(doc):
+        raise _Unreadable(f"JSON nested deeper than {MAX_DEPTH}")
+    return doc
+
+
+def _usable(raw: Mapping) -> Tuple[Dict[str, dict], list]:
+    """``(usable, problems)``: each entry with its valid tables only (an entry with none left out), and
+    ``"key: why"`` for every entry or table that is not valid."""
+    usable, problems = {}, []
+    for key, entry in raw.items():
+        tables = entry.get("tables") if isinstance(entry, dict) else None
+        if not isinstance(tables, dict):
+            problems.append(f"{_brief(key)}: not an object with a 'tables' object")
+            continue
+        good = {}
+        for tkey, table in tables.items():
+            try:
+                good[tkey] = _check_table(table)
+            except ValueError as exc:
+                problems.append(f"{_brief(key)}, table {_brief(tkey)}: {exc}")
+        if good:
+            usable[key] = dict(entry, tables=good)
+    return usable, problems
+
+
+def _warn_once(path: str, message: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        warnings.warn(f"sparseadapter_kernels: {message}", stacklevel=4)
 
 
 def _read(path: str) -> Dict[str, dict]:
-    """The entries of the cache file (``{machine key: {"tables": {...}, ...}}``); {} when absent or
-    corrupt (then one warning per path and process)."""
+    """The usable entries of the cache file (``{machine key: {"tables": {table key: Table}, ...}}``); {}
+    when absent or unreadable. Never raises because of the file; one warning per path and process."""
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
-        if not (isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc.get("entries"), dict)):
-            raise ValueError(f"not a format-{FORMAT} tuning cache")
-        for entry in doc["entries"].values():
-            for table in entry["tables"].values():
-                _check_table(table)
-        return doc["entries"]
-    except FileNotFoundError:
+        doc = _load(path)
+    except (OSError, ValueError) as exc:
+        why = str(exc) if isinstance(exc, _Unreadable) else f"{type(exc).__name__}: {exc}"
+        _warn_once(path, f"ignoring the tuning cache {path} ({why}); backend='auto' uses "
+                         "the committed table or its prior. `sparseadapter-bench --tune` moves it aside and re-tunes.")
         return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        if path not in _WARNED:
-            _WARNED.add(path)
-            warnings.warn(f"sparseadapter_kernels: ignoring the tuning cache {path} ({type(exc).__name__}: {exc}); "
-                          "backend='auto' uses its prior. Re-tune with `sparseadapter-bench --tune`.", stacklevel=3)
+    if doc is None:
         return {}
+    usable, problems = _usable(doc["entries"])
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        _warn_once(path, f"the tuning cache {path}: ignoring {len(problems)} bad entries or tables: "
+                         + "; ".join(problems[:5]) + more + ". backend='auto' uses the committed table or its prior "
+                         "there; the other tables of the file are used.")
+    return usable
 
 
 def _check_table(table) -> Table:
-    pairs = tuple((int(n), float(d)) for n, d in table)
-    if any(n < 1 or not 0.0 <= d <= 1.0 for n, d in pairs) or list(pairs) != sorted(pairs):
-        raise ValueError(f"bad decision table {table!r}")
-    return pairs
+    """``table`` as a :data:`Table`: pairs ``(n_min, density)`` of an int ``1 <= n_min <= 2**62`` (increasing)
+    and a finite number ``0 <= density <= 1`` (no bools). Raises ValueError (only) for anything else."""
+    if not isinstance(table, (list, tuple)):
+        raise ValueError(f"bad decision table {_brief(table)}: not a list")
+    pairs = []
+    for pair in table:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise ValueError(f"bad decision table {_brief(table)}: {_brief(pair)} is not a pair [n_min, density]")
+        n, d = pair
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_TOKENS:
+            raise ValueError(f"bad decision table {_brief(table)}: n_min {_brief(n)} is not an int in [1, 2**62]")
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:  # NaN, inf: False
+            raise ValueError(f"bad decision table {_brief(table)}: density {_brief(d)} is not a number in [0, 1]")
+        pairs.append((int(n), float(d)))
+    if any(a[0] >= b[0] for a, b in zip(pairs, pairs[1:])):
+        raise ValueError(f"bad decision table {_brief(table)}: n_min not increasing")
+    return tuple(pairs)
 
 
 def entries(path: Optional[str] = None) -> Dict[str, dict]:
-    """The cache file's entries as this process first read them (a process that tunes sees its own
-    update at once; others see it when they start)."""
+    """The cache file's usable entries as this process first read them (a process that tunes sees its
+    own update at once; others see it when they start)."""
     path = path or cache_path()
     if path not in _LOADED:
         _LOADED[path] = _read(path)
     return _LOADED[path]
 
 
+def _path_error(path: str, what: str, exc: OSError) -> OSError:
+    return OSError(f"tuning cache {path}: {what} ({exc.strerror or exc})")
+
+
 @contextlib.contextmanager
 def _locked(path: str):
     """An exclusive lock beside the cache file (POSIX flock; elsewhere no lock)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".lock", "a+") as f:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(path + ".lock", "a+")
+    except OSError as exc:
+        raise _path_error(path, f"cannot create its folder {folder} or its lock file {path}.lock", exc) from exc
+    with f:
         try:
             import fcntl
 
@@ -153,27 +268,53 @@ def _locked(path: str):
 def store(key: str, tables: Mapping[str, Iterable], meta: Optional[dict] = None, path: Optional[str] = None) -> str:
     """Merge ``tables`` (``{table_key: ((n_min, density), ...)}``) into the entry of ``key``: under the
     lock, read the file as it is now, merge, write a temp file and rename it over the cache. Returns
-    the path."""
+    the path.
+
+    Nothing already in the file is lost: other entries, and other tables of ``key`` (valid or not), are
+    written back as they were read; a file that cannot be read as a whole (not JSON, another format, torn)
+    is moved aside to ``<path>.unreadable-<time>-<random>`` with a warning first."""
     path = path or cache_path()
+    new_tables = {k: [list(p) for p in _check_table(v)] for k, v in tables.items()}
+    if os.path.isdir(path):
+        raise OSError(f"tuning cache {path} is a directory, not a file: point {CACHE_ENV} at a file")
     with _locked(path):
-        doc_entries = dict(_read(path))
-        entry = dict(doc_entries.get(key, {"tables": {}}))
-        merged = dict(entry.get("tables", {}))
-        merged.update({k: [list(p) for p in _check_table(v)] for k, v in tables.items()})
+        try:
+            doc = _load(path)
+        except _Unreadable as exc:
+            aside = f"{path}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            try:
+                os.replace(path, aside)
+            except OSError as err:
+                raise _path_error(path, f"cannot move the unreadable file aside to {aside}", err) from err
+            warnings.warn(f"sparseadapter_kernels: the tuning cache {path} could not be read ({exc}): moved it "
+                          f"aside to {aside} and writing a new one", stacklevel=2)
+            doc = None
+        except OSError as exc:
+            raise _path_error(path, "cannot read it", exc) from exc
+        doc_entries = dict(doc["entries"]) if doc else {}
+        entry = doc_entries.get(key)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        merged = dict(entry["tables"]) if isinstance(entry.get("tables"), dict) else {}
+        merged.update(new_tables)
         entry["tables"] = merged
         entry.update(meta or {})
         doc_entries[key] = entry
         data = json.dumps({"format": FORMAT, "entries": doc_entries}, indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+        except OSError as exc:
+            raise _path_error(path, "cannot write beside it", exc) from exc
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _path_error(path, "cannot write it", exc) from exc
             raise
     _LOADED.clear()
     _GENERATION[0] += 1
@@ -191,10 +332,7 @@ def generation() -> int:
 def tuned_table(device_type: str, dtype: torch.dtype, layout: str, op: str, backend: str) -> Optional[Table]:
     """This machine's measured table, or None when it was never tuned for it (one file read per process)."""
     entry = entries().get(machine_key(dtype, device_type))
-    if entry is None:
-        return None
-    table = entry["tables"].get(table_key(dtype, layout, op, backend))
-    return None if table is None else _check_table(table)
+    return None if entry is None else entry["tables"].get(table_key(dtype, layout, op, backend))
 
 
 def derive_table(ratios: Mapping[Tuple[int, float], float], margin: float = MARGIN,

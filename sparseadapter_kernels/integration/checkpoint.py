@@ -10,26 +10,25 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
-
 from .._version import __version__
-from ..formats import SparseWeight, check_layout
+from ..formats import INT32_MAX, LAYOUTS, SparseWeight, check_layout
 from ..modules import SparseLinear
-from .config import SparseAdapterConfig
+from ..progress import progress
+from .config import SparseAdapterConfig, _is_int
 from .files import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, LEGACY_CONFIG_NAME, WEIGHTS_NAME,  # noqa: F401
                     _atomic_write, _finish_interrupted_save, _fsync_dir, _read_weights, _remove_legacy,
-                    _safetensors_bytes, _staged_weights_name, _write_synced, read_adapter_config)
+                    _safetensors_bytes, _staged_weights_name, _write_synced, directory_lock, read_adapter_config)
 from .inject import _insert, _state_or_raise, adapter_parts, adapter_state, site_entries
 from .manage import delete_adapter
-from .sites import _hidden_size, _model_config, _model_type, _modules_to_save, _num_layers, base_modules
+from .sites import (_hidden_size, _model_config, _model_type, _modules_to_save, _num_layers, _plan, base_modules,
+                    check_adapter_size)
 from .state import DEFAULT_ADAPTER, check_adapter_name
 
 PROGRESS_MIN_MODULES = 64  # progress bars (on a terminal only) for adapters with at least this many sparse layers
 
 
 def _progress(items, desc: str):
-    items = list(items)
-    return tqdm(items, desc=desc, leave=False, disable=None if len(items) >= PROGRESS_MIN_MODULES else True)
+    return progress(list(items), desc, min_steps=PROGRESS_MIN_MODULES)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -136,23 +135,36 @@ def _save_one(model: nn.Module, path: str, name: str) -> Dict[str, Any]:
                base_model=_base_model_info(model), adapter_modules=_site_names(model, name, bm), stats=stats,
                format=dict(name=FORMAT_NAME, version=FORMAT_VERSION, library_version=__version__,
                            weights_file=WEIGHTS_NAME, sha256=digest, index_dtype="int32"))
-    os.makedirs(path, exist_ok=True)
-    _finish_interrupted_save(path)
-    staged = os.path.join(path, _staged_weights_name(digest))
-    try:
-        _write_synced(staged, blob)
-        _fsync_dir(path)
-        _atomic_write(os.path.join(path, CONFIG_NAME), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-        os.replace(staged, os.path.join(path, WEIGHTS_NAME))
-        _fsync_dir(path)
-        _remove_legacy(path)
-    except BaseException:
-        try:  # keeps whichever checkpoint is committed; the next save retries what fails here
-            _finish_interrupted_save(path)
-        except OSError:
-            pass
-        raise
+    _make_directory(path)
+    with directory_lock(path):
+        _finish_interrupted_save(path)
+        staged = os.path.join(path, _staged_weights_name(digest))
+        try:
+            _write_synced(staged, blob)
+            _fsync_dir(path)
+            _atomic_write(os.path.join(path, CONFIG_NAME),
+                          (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+            os.replace(staged, os.path.join(path, WEIGHTS_NAME))
+            _fsync_dir(path)
+            _remove_legacy(path)
+        except BaseException:
+            try:  # keeps whichever checkpoint is committed; the next save retries what fails here
+                _finish_interrupted_save(path)
+            except OSError:
+                pass
+            raise
     return stats
+
+
+def _make_directory(path: str) -> None:
+    """``os.makedirs(path)``, with an error that says what ``path`` should be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"save_adapters: path {path!r} is a file; expected a directory to write "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME} into")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"save_adapters: cannot create the directory {path!r} ({exc.strerror or exc})") from None
 
 
 def save_adapters(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> Dict[str, Any]:
@@ -188,6 +200,9 @@ def save_adapters(model: nn.Module, path: str, adapter_name: Optional[str] = Non
 
 def _check_architecture(model: nn.Module, doc: Dict[str, Any], path: str) -> None:
     saved = doc.get("base_model", {})
+    if not isinstance(saved, dict):
+        raise ValueError(f"load_adapters: {os.path.join(path, CONFIG_NAME)}: base_model: expected an object, got "
+                         f"{type(saved).__name__}")
     here = _base_model_info(model)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs model {here[k]!r}"
              for k in ("model_type", "hidden_size", "num_layers") if saved.get(k) != here[k]]
@@ -199,9 +214,9 @@ def _check_architecture(model: nn.Module, doc: Dict[str, Any], path: str) -> Non
 
 def _full_structure(meta: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
     """crow / col indices of a weight (or block grid) with every entry stored."""
-    out_f, in_f = (int(s) for s in meta["shape"])
-    bh, bw = (int(b) for b in meta["block_size"])
-    nbr, nbc = out_f // max(bh, 1), in_f // max(bw, 1)
+    out_f, in_f = meta["shape"]
+    bh, bw = meta["block_size"]
+    nbr, nbc = out_f // bh, in_f // bw
     crow = torch.arange(0, nbr * nbc + 1, max(nbc, 1), dtype=torch.int32)
     col = torch.arange(nbc, dtype=torch.int32).repeat(nbr)
     return crow, col
@@ -233,9 +248,7 @@ def _rebuild_weight(name: str, values: torch.Tensor, crow: torch.Tensor, col: to
     SparseWeight checks the indices (sizes, int32, crow from 0 to nnz, columns in range, no entry twice);
     on top, files hold each row's columns in increasing order and finite values.
     """
-    shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-    layout = meta["layout"]
-    block_size = (int(meta["block_size"][0]), int(meta["block_size"][1]))
+    shape, layout, block_size = meta["shape"], meta["layout"], meta["block_size"]
     bad = f"load_adapters: corrupted adapter tensors for {name}"
     try:
         check_layout(layout, block_size)
@@ -257,10 +270,85 @@ def _read_tensors(w_path: str, blob: bytes):
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
         header = json.loads(blob[8:8 + header_len].decode("utf-8"))
-        sparse_meta = json.loads(header.get("__metadata__", {}).get("sparse_modules", "{}"))
+        meta_text = header.get("__metadata__", {}).get("sparse_modules", "{}")
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"load_adapters: {w_path} is corrupted (not a readable safetensors file: {exc})") from None
-    return tensors, sparse_meta
+    try:
+        sparse_meta = json.loads(meta_text, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"load_adapters: {w_path}: metadata sparse_modules is not valid JSON "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return tensors, _checked_sparse_meta(sparse_meta, tensors, w_path)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _int_pair(v, field: str, where: str, what: str) -> Tuple[int, int]:
+    if (not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_int(x) and 1 <= x <= INT32_MAX for x in v)):
+        raise ValueError(f"{where}.{field}: expected [{what}], two ints in [1, {INT32_MAX}], got {str(v)[:100]}")
+    return int(v[0]), int(v[1])
+
+
+def _checked_sparse_meta(sparse_meta, tensors: Dict[str, torch.Tensor], w_path: str) -> Dict[str, Dict[str, Any]]:
+    """The file's ``sparse_modules`` metadata, every field checked (types, ranges) and checked against the
+    tensors the file holds: a shape must be backed by the stored tensors' sizes (every stored entry for a
+    ``full`` module, one row pointer per block row otherwise), so nothing it declares is allocated unless the
+    file itself holds that many bytes. Clear errors name the file and the field."""
+    where0 = f"load_adapters: {w_path}: metadata sparse_modules"
+    if not isinstance(sparse_meta, dict):
+        raise ValueError(f"{where0}: expected an object {{module name: entry}}, got {type(sparse_meta).__name__}")
+    out = {}
+    for name, meta in sparse_meta.items():
+        where = f"{where0}[{name!r}]"
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: expected an object with shape, layout, block_size, full, got "
+                             f"{type(meta).__name__}")
+        shape = _int_pair(meta.get("shape"), "shape", where, "out_features, in_features")
+        layout = meta.get("layout")
+        if layout not in LAYOUTS:
+            raise ValueError(f"{where}.layout: expected one of {list(LAYOUTS)}, got {str(layout)[:100]!r}")
+        block = _int_pair(meta.get("block_size", [1, 1]), "block_size", where, "bh, bw")
+        if layout == "csr" and block != (1, 1) or shape[0] % block[0] or shape[1] % block[1]:
+            raise ValueError(f"{where}.block_size: {list(block)} does not fit shape {list(shape)} and layout {layout!r}")
+        full = meta.get("full", False)
+        if not isinstance(full, bool):
+            raise ValueError(f"{where}.full: expected true or false, got {str(full)[:100]!r}")
+        keys = ("values",) if full else ("values", "crow_indices", "col_indices")
+        missing = [k for k in keys if f"{name}.{k}" not in tensors]
+        if missing:
+            raise ValueError(f"load_adapters: {w_path} lacks tensor {name + '.' + missing[0]!r}")
+        values = tensors[f"{name}.values"]
+        n_blocks = (shape[0] // block[0]) * (shape[1] // block[1])
+        if full and values.numel() != shape[0] * shape[1]:
+            raise ValueError(f"{where}.shape: {list(shape)} with full=true needs {shape[0] * shape[1]} stored values, "
+                             f"the file holds {values.numel()}")
+        if not full:
+            crow, col = tensors[f"{name}.crow_indices"], tensors[f"{name}.col_indices"]
+            if crow.dim() != 1 or crow.numel() != shape[0] // block[0] + 1:
+                raise ValueError(f"{where}.shape: {list(shape)} needs {shape[0] // block[0] + 1} row pointers, "
+                                 f"the file holds crow_indices of shape {list(crow.shape)}")
+            if col.dim() != 1 or col.numel() > n_blocks or values.dim() < 1 or values.shape[0] != col.numel():
+                raise ValueError(f"load_adapters: corrupted adapter tensors for {name}: col_indices of shape "
+                                 f"{list(col.shape)} and values of shape {list(values.shape)} do not agree with shape "
+                                 f"{list(shape)}")
+        out[name] = dict(shape=shape, layout=layout, block_size=block, full=full)
+    return out
+
+
+def _check_fits_model(model: nn.Module, config: SparseAdapterConfig, sparse_meta: Dict[str, Dict[str, Any]],
+                      path: str) -> None:
+    """Before anything is inserted: the adapters the saved config would insert fit this model (size limits of
+    :func:`~.sites.check_adapter_size`), and every saved projection has the config's width on one side."""
+    plan = _plan(model, config)
+    check_adapter_size(model, config, plan)
+    hp = config.resolved(_hidden_size(model) or 1)
+    width = hp.get("bottleneck", hp.get("r"))
+    for name, meta in sparse_meta.items():
+        if config.preset != "lora" and width not in meta["shape"]:
+            raise ValueError(f"load_adapters: {name} has shape {list(meta['shape'])} in {path}, which does not match "
+                             f"the config's bottleneck {width}")
 
 
 def _prepare(model: nn.Module, config: SparseAdapterConfig, doc: Dict[str, Any], path: str, name: str) -> None:
@@ -294,10 +382,11 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True, adapter_name
     _check_architecture(model, doc, path)
     try:
         config = SparseAdapterConfig.from_dict(doc)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
         raise ValueError(f"load_adapters: {os.path.join(path, CONFIG_NAME)} holds an invalid config: {exc}") from None
     w_path, blob = _read_weights(path, doc)
     tensors, sparse_meta = _read_tensors(w_path, blob)
+    _check_fits_model(model, config, sparse_meta, path)
     _prepare(model, config, doc, path, adapter_name)
     trainable = adapter_name in adapter_state(model).active
     lins = _sparse_parts(model, adapter_name)
@@ -309,15 +398,12 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True, adapter_name
     used = set()
     for name, m in _progress(lins.items(), "loading adapters"):
         meta = sparse_meta[name]
-        keys = ("values",) if meta.get("full") else ("values", "crow_indices", "col_indices")
-        try:
-            values, *index = (tensors[f"{name}.{k}"] for k in keys)
-        except KeyError as exc:
-            raise ValueError(f"load_adapters: {w_path} lacks tensor {exc.args[0]!r}") from None
-        crow, col = index if index else _full_structure(meta)
-        if tuple(meta["shape"]) != (m.out_features, m.in_features):
-            raise ValueError(f"load_adapters: {name} has shape {tuple(meta['shape'])} in the file but "
+        if meta["shape"] != (m.out_features, m.in_features):
+            raise ValueError(f"load_adapters: {name} has shape {meta['shape']} in the file but "
                              f"{(m.out_features, m.in_features)} in the model")
+        keys = ("values",) if meta["full"] else ("values", "crow_indices", "col_indices")
+        values, *index = (tensors[f"{name}.{k}"] for k in keys)
+        crow, col = index if index else _full_structure(meta)
         w = _rebuild_weight(name, values, crow, col, meta)
         dev, dt = m.values.device, m.values.dtype
         w = w.to(device=dev, dtype=dt)
@@ -331,7 +417,7 @@ def load_adapters(model: nn.Module, path: str, strict: bool = True, adapter_name
         p = params.get(key)
         if p is None:
             if strict:
-                saved_from = doc["base_model"].get("class_name")
+                saved_from = doc.get("base_model", {}).get("class_name")
                 raise ValueError(f"load_adapters: tensor {key!r} of {w_path} names no parameter of "
                                  f"{type(model).__name__} (checkpoint saved from {saved_from})")
             continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -198,6 +199,12 @@ class SparseAdapterConfig:
         d = self.dropout
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {d!r}")
+        for name in ("scaling", "alpha", "init_std"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or (name == "init_std" and v < 0)):
+                want = "a finite number >= 0" if name == "init_std" else "a finite number"
+                raise ValueError(f"{name}: expected {want}, got {v!r}")
 
     def _check_adapter_style(self) -> None:
         if self.activation is not None:
@@ -238,6 +245,6 @@ class SparseAdapterConfig:
         if unknown:
             raise ValueError(f"from_dict: unknown SparseAdapterConfig field(s) {unknown}; known: {sorted(fields)}")
         kw = {k: v for k, v in d.items() if k in fields}
-        if kw.get("block_size") is not None:
+        if isinstance(kw.get("block_size"), list):
             kw["block_size"] = tuple(kw["block_size"])
         return cls(**kw)

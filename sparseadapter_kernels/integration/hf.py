@@ -13,7 +13,7 @@ from .config import SparseAdapterConfig
 from .files import CONFIG_NAME, LEGACY_CONFIG_NAME
 from .inject import _state_or_raise, add_sparse_adapters
 from .manage import (active_adapters, delete_adapter, disable_adapters, enable_adapters, set_adapter)
-from .state import DEFAULT_ADAPTER, MODEL_METHODS
+from .state import DEFAULT_ADAPTER, MODEL_METHODS, check_adapter_name
 
 
 def _unwrap(model):
@@ -39,13 +39,23 @@ def save_pretrained(model: nn.Module, save_directory: str, *args, **kwargs) -> N
         save_adapters(model, save_directory)
 
 
+def _is_adapter_name(name: str) -> bool:
+    try:
+        check_adapter_name(name)
+        return True
+    except ValueError:
+        return False
+
+
 def _adapter_dirs(path: str) -> Dict[str, str]:
     """``{adapter name: directory}`` of a directory written by :func:`save_adapters` for one or all adapters."""
     out = {}
     if os.path.isfile(os.path.join(path, CONFIG_NAME)) or os.path.isfile(os.path.join(path, LEGACY_CONFIG_NAME)):
         out[DEFAULT_ADAPTER] = path
     for entry in sorted(os.scandir(path), key=lambda e: e.name) if os.path.isdir(path) else []:
-        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, CONFIG_NAME)):
+        # real subdirectories only (a link could lead outside the checkpoint), named as adapters may be
+        if (entry.is_dir(follow_symlinks=False) and _is_adapter_name(entry.name)
+                and os.path.isfile(os.path.join(entry.path, CONFIG_NAME))):
             out[entry.name] = entry.path
     return out
 

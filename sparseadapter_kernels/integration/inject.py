@@ -17,7 +17,7 @@ from ..modules import (BottleneckAdapter, HoulsbyAdapter, LoRA, ParallelAdapter,
 from .config import DATA_METHODS, SparseAdapterConfig
 from .layers import SITE_CLASS, SITES, LoRAFactors, LoRALayer, PrefixSelfAttention, site_kind
 from .sites import (_dtype_device, _hidden_size, _modules_to_save, _plan, _set_submodule, _site_width, base_modules,
-                    unwrap)
+                    check_adapter_size, unwrap)
 from .state import (DEFAULT_ADAPTER, STATE_ATTR, AdapterState, check_adapter_name, install_forward_hooks,
                     install_model_methods)
 
@@ -131,7 +131,8 @@ def _check_plan(model: nn.Module, plan, name: str) -> None:
 
 
 def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_ADAPTER) -> List[str]:
-    """Freeze the base and insert adapter ``name`` (dense storage, density 1); returns the logical site names."""
+    """Freeze the base and insert adapter ``name`` (dense storage, density 1), its modules in the model's train /
+    eval mode; returns the logical site names."""
     check_adapter_name(name)
     state = adapter_state(model)
     if state is None and adapter_sites(model):
@@ -142,6 +143,8 @@ def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_A
                          f"(adapters {state.names()}); pass another adapter_name, or delete_adapter it first")
     plan = _plan(model, config)
     _check_plan(model, plan, name)
+    check_adapter_size(model, config, plan)  # before anything is allocated
+    old_modules = {id(m) for m in model.modules()}
     first = state is None
     if first:
         state = AdapterState()
@@ -185,6 +188,9 @@ def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_A
         mod = bm[n][1]
         mod.requires_grad_(True)
         _warn_if_tied(model, mod, n)
+    for m in model.modules():  # the new modules (sites, adapters, prefix) take the model's train / eval mode
+        if id(m) not in old_modules:
+            m.training = model.training  # this module alone: a site's base module keeps its own mode
     model._sparse_adapter_config = state.configs[state.names()[0]]
     return [n for n, _ in plan]
 
@@ -199,14 +205,18 @@ def _warn_if_tied(model: nn.Module, mod: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def only_adapter(model: nn.Module, name: str):
-    """Run with adapter ``name`` alone active (not disabled, no mixed batch); restores the state after."""
+    """Run with adapter ``name`` alone active (not disabled, no mixed batch in this context); restores the state
+    after. It changes the model's ``active`` and ``disabled``: not for a model that other threads are running."""
     state = adapter_state(model)
-    saved = (list(state.active), state.disabled, state.mixed)
-    state.active, state.disabled, state.mixed = [name], False, None
+    saved = (list(state.active), state.disabled)
+    state.active, state.disabled = [name], False
+    call = state.push(names=None, disabled=False) if state.per_call_used else None  # else none to override
     try:
         yield
     finally:
-        state.active, state.disabled, state.mixed = saved
+        if call is not None:
+            state.pop(call)
+        state.active, state.disabled = saved
 
 
 def as_batches(data) -> Optional[list]:

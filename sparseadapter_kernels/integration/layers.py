@@ -4,7 +4,8 @@ bottleneck adapters, the LoRA layer and the prefix-tuning self-attention of pres
 A site holds one or several *named* adapters: ``"default"`` under the single-adapter names (``adapter`` /
 ``lora_A``, ``lora_B``), any other under ``adapters.<name>`` / ``loras.<name>``. What runs comes from the
 model's :class:`~.state.AdapterState`: the active adapters (sequential ones stacked in list order, parallel
-ones and LoRA summed), none while disabled, or per example in a mixed batch (rows grouped by adapter name).
+ones and LoRA summed), none while disabled, or per example in a mixed batch (rows grouped by adapter name); a
+mixed batch and ``disable_adapter()`` are read from the current call's context (thread-safe).
 ``state_dict`` keys name the base module's tensors as the base model does (no ``.base.``).
 """
 from __future__ import annotations
@@ -113,15 +114,16 @@ class _Site:
     def _route(self, t: torch.Tensor):
         """``(modules, None)`` for the whole batch (possibly empty), or ``(None, [(modules, rows)])``."""
         st = self._sa_state
-        if st.disabled:
+        call = st.call()  # this call's settings (this thread / task), not the model's
+        if st.disabled if call is None or call.disabled is None else call.disabled:
             return [], None
         slots = self.adapter_slots()
-        if st.mixed is None:
+        if call is None or call.names is None:
             if not st.configs and not st.active:
                 return list(slots.values()), None
             return [slots[n] for n in st.active if n in slots and n not in st.merged], None
         groups = []
-        for name, rows in st.groups(t.shape[0], t.device, type(self.base).__name__):
+        for name, rows in call.groups(t.shape[0], t.device, type(self.base).__name__):
             if name in slots and name not in st.merged:
                 groups.append(([slots[name]], rows))
         return None, groups

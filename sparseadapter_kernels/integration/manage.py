@@ -60,18 +60,20 @@ def _refuse_if_merged(state: AdapterState, what: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
-    """``with disable_adapter(model):`` runs the base model alone (PEFT's context manager)."""
+    """``with disable_adapter(model):`` runs the base model alone (PEFT's context manager). Only the forwards of
+    this thread (this context) inside the block: other threads sharing the model keep their adapters."""
     state = _state_or_raise(model, "disable_adapter")
     _refuse_if_merged(state, "disable_adapter")
-    previous, state.disabled = state.disabled, True
+    call = state.push(disabled=True)
     try:
         yield model
     finally:
-        state.disabled = previous
+        state.pop(call)
 
 
 def disable_adapters(model: nn.Module) -> None:
-    """Run the base model alone until :func:`enable_adapters` (transformers' ``disable_adapters``)."""
+    """Run the base model alone until :func:`enable_adapters` (transformers' ``disable_adapters``); for every
+    thread, unlike the ``disable_adapter()`` context manager."""
     state = _state_or_raise(model, "disable_adapters")
     _refuse_if_merged(state, "disable_adapters")
     state.disabled = True
@@ -85,15 +87,13 @@ def enable_adapters(model: nn.Module) -> None:
 def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     """``with mixed_batch(model, names):`` every forward inside runs example ``i`` with adapter ``names[i]``
     (``"__base__"``: no adapter), like ``model(**inputs, adapter_names=names)``. The base layers run once on
-    the whole batch; each adapter runs on its examples' rows."""
+    the whole batch; each adapter runs on its examples' rows. Only the forwards of this thread (this context)."""
     state = _state_or_raise(model, "mixed_batch")
-    previous = state.mixed
-    state.set_mixed(adapter_names)
+    call = state.push(names=state.check_mixed(adapter_names))
     try:
         yield model
     finally:
-        state.mixed = previous
-        state._groups = {}
+        state.pop(call)
 
 
 def _by_depth(model: nn.Module):

@@ -252,3 +252,57 @@ def _site_width(module: nn.Module, kind: str, model: nn.Module) -> int:
                          "give the model a config with hidden_size")
     return h
 
+
+
+# Adapters larger than this many weights (dense, before pruning) are refused unless the base model itself is
+# larger: a sane bound checked before anything is allocated (a config from a file may ask for 2**40).
+MIN_ADAPTER_WEIGHT_LIMIT = 1 << 26
+INT32_MAX = 2**31 - 1
+
+
+def planned_weights(model: nn.Module, config: SparseAdapterConfig, plan: List[Tuple[str, str]]) -> int:
+    """How many weights (dense, biases included) inserting ``config`` at ``plan`` allocates; nothing is allocated.
+    Raises a clear error when one adapter projection would not fit int32 indices."""
+    named = {n: unwrap(m) for n, (_, m) in base_modules(model).items()}
+    total = 0
+    shapes = []
+    n_prefix = sum(1 for _, k in plan if k == "prefix")
+    if n_prefix:
+        hidden = _hidden_size(model) or 1
+        hp = config.resolved(hidden)
+        length, mlp = hp["prefix_length"], hp["prefix_mlp_hidden"]
+        shapes += [(length, hidden), (mlp, hidden), (2 * hidden * n_prefix, mlp)]
+        total += mlp + 2 * hidden * n_prefix
+    for logical, kind in plan:
+        base = named[logical]
+        if kind == "prefix":
+            continue
+        if kind == "lora":
+            r = config.resolved(base.in_features)["r"]
+            shapes += [(r, base.in_features), (base.out_features, r)]
+            continue
+        d = _site_width(base, kind, model)
+        b = config.resolved(d)["bottleneck"]
+        shapes += [(b, d), (d, b)]
+        total += b + d
+    for out_f, in_f in shapes:
+        if out_f * in_f > INT32_MAX:
+            what = "r" if config.preset == "lora" else "bottleneck"
+            raise ValueError(f"config: an adapter projection of shape {(out_f, in_f)} ({what} "
+                             f"{out_f if out_f != in_f else in_f}) has more entries than the int32 indices of "
+                             f"sparse storage address ({INT32_MAX}); use a smaller {what}")
+        total += out_f * in_f
+    return total
+
+
+def check_adapter_size(model: nn.Module, config: SparseAdapterConfig, plan: List[Tuple[str, str]]) -> None:
+    """Refuse, before allocating, an adapter with more weights than max(2 x the base model, 2**26)."""
+    n = planned_weights(model, config, plan)
+    base = sum(p.numel() for p in model.parameters())
+    limit = max(2 * base, MIN_ADAPTER_WEIGHT_LIMIT)
+    if n > limit:
+        hp = config.resolved(_hidden_size(model) or 1)
+        size = {k: hp[k] for k in ("bottleneck", "r", "prefix_mlp_hidden", "prefix_length") if k in hp}
+        raise ValueError(f"config: these adapters ({config.preset}, {size}) would hold {n:,} weights before "
+                         f"pruning, more than the limit of {limit:,} (twice the base model's {base:,} parameters, "
+                         f"at least {MIN_ADAPTER_WEIGHT_LIMIT:,}); nothing was allocated")
