@@ -186,6 +186,51 @@ def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_b
     return out.reshape(*lead, up.out_features)
 
 
+def segmented_adapter(x: torch.Tensor, rows: torch.Tensor, seg_ptr: torch.Tensor, down_values: List[torch.Tensor],
+                      down_crow_indices: List[torch.Tensor], down_col_indices: List[torch.Tensor],
+                      up_values: List[torch.Tensor], up_crow_indices: List[torch.Tensor],
+                      up_col_indices: List[torch.Tensor], down_bias: Optional[List[Optional[torch.Tensor]]] = None,
+                      up_bias: Optional[List[Optional[torch.Tensor]]] = None, scales: Optional[List[float]] = None,
+                      activation: str = "relu", residual: Optional[torch.Tensor] = None, d_out: Optional[int] = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """Several CSR bottleneck adapters over one batch, one per segment of its rows, in one call.
+
+    ``x [N, d]``; ``rows`` (int64 ``[M]``, distinct rows of ``x``) grouped by ``seg_ptr`` (int64 ``[S + 1]``, 0 to
+    M): the rows of segment ``s`` go through adapter ``s``: ``down [r_s, d]`` and ``up [d_out, r_s]`` as CSR arrays
+    (values in x's dtype, row pointers int32, columns int32 or int16), biases (None or empty: none), ``scales[s]``.
+    Returns
+    ``residual + scale_s * (up_s(act(down_s(x) + bd_s)) + bu_s)`` on the rows of the segments and ``residual``
+    (zeros when None) on the others. Differentiable in ``x``, ``residual``, every adapter's values and biases.
+    ``backend``: ``"cpu"`` (the segmented kernel), ``"reference"`` (plain PyTorch) or ``"auto"`` (the kernel for
+    CPU tensors when the extension is built, else the reference).
+    """
+    n_seg = len(down_values)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [N, d] tensor, got {tuple(getattr(x, 'shape', ()))}")
+    no_bias = x.new_empty(0)  # the op's "no bias" (a Tensor[] entry: autograd differentiates no Tensor?[])
+    down_bias = [no_bias if b is None else b for b in (down_bias or [None] * n_seg)]
+    up_bias = [no_bias if b is None else b for b in (up_bias or [None] * n_seg)]
+    scales = [1.0] * n_seg if scales is None else [float(c) for c in scales]
+    if d_out is None:
+        if residual is None and not n_seg:
+            raise ValueError("d_out: needed when there is neither a residual nor an adapter")
+        d_out = residual.shape[-1] if residual is not None else up_crow_indices[0].numel() - 1
+    activation = reference.canonical_activation(activation)
+    args = (x, residual, rows, seg_ptr, list(down_values), list(down_crow_indices), list(down_col_indices), down_bias,
+            list(up_values), list(up_crow_indices), list(up_col_indices), up_bias, scales, activation, int(d_out))
+    backend = check_backend(_OVERRIDE[-1] if _OVERRIDE else backend)
+    if backend == "auto":
+        backend = "cpu" if x.device.type == "cpu" and backend_usable("cpu") else "reference"
+    if backend == "reference":
+        return reference.segmented_adapter(*args)
+    if backend != "cpu":
+        raise NotImplementedError(f"segmented_adapter: backend={backend!r} has no segmented kernel yet; use 'cpu' "
+                                  "(CPU tensors) or 'reference'")
+    if not backend_usable("cpu"):
+        raise RuntimeError(f"backend='cpu' is not available: {backend_status()['cpu'][1]}")
+    return _lib.segmented_adapter(*args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fakes and autograd of the C++/CUDA ops (schemas in csrc/ops.cpp)
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +320,57 @@ def _register_cpp_ops() -> None:
 
     torch.library.register_autograd("sparseadapter_kernels::fused_adapter", adapter_backward,
                                     setup_context=adapter_setup)
+
+    # --- segmented_adapter: the fake, and a backward per segment in plain PyTorch (dense per-adapter products)
+    @torch.library.register_fake("sparseadapter_kernels::segmented_adapter")
+    def _(x, residual, rows, seg_ptr, down_values, down_crow_indices, down_col_indices, down_bias, up_values,
+          up_crow_indices, up_col_indices, up_bias, scales, activation, d_out):
+        return x.new_empty(x.shape[0], d_out)
+
+    def segmented_setup(ctx, inputs, output):
+        (x, residual, rows, seg_ptr, dv, dcrow, dcol, db, uv, ucrow, ucol, ub, scales, activation, d_out) = inputs
+        n = len(dv)
+        ctx.save_for_backward(x, rows, seg_ptr, *dv, *dcrow, *dcol, *db, *uv, *ucrow, *ucol, *ub)
+        ctx.n, ctx.scales, ctx.activation, ctx.has_residual = n, list(scales), activation, residual is not None
+
+    def segmented_backward(ctx, grad_out):
+        x, rows, seg_ptr, *rest = ctx.saved_tensors
+        n = ctx.n
+        dv, dcrow, dcol, db, uv, ucrow, ucol, ub = (rest[i * n:(i + 1) * n] for i in range(8))
+        grads = segmented_adapter_backward(grad_out.contiguous(), x, rows, seg_ptr, dv, dcrow, dcol, db, uv, ucrow,
+                                           ucol, ub, ctx.scales, ctx.activation)
+        gx, gdv, gdb, guv, gub = grads
+        none = [None] * n  # the index lists: one (absent) gradient per tensor, as autograd wants for a Tensor[]
+        return (gx, grad_out if ctx.has_residual else None, None, None, gdv, none, none, gdb, guv, none, none, gub,
+                None, None, None)
+
+    torch.library.register_autograd("sparseadapter_kernels::segmented_adapter", segmented_backward,
+                                    setup_context=segmented_setup)
+
+
+def segmented_adapter_backward(grad_out, x, rows, seg_ptr, down_values, down_crow, down_col, down_bias, up_values,
+                               up_crow, up_col, up_bias, scales, activation):
+    """Gradients of :func:`segmented_adapter` (without the residual's) -> ``(grad_x, [grad down values],
+    [grad down bias or None], [grad up values], [grad up bias or None])``; per segment, in plain PyTorch on the
+    adapter's dense weights (``O(tokens x d x r)``, like a dense adapter's backward). An empty bias: none."""
+    grad_x = torch.zeros_like(x)
+    gdv, gdb, guv, gub = [], [], [], []
+    bounds = seg_ptr.tolist()
+    for s in range(len(down_values)):
+        r = rows[bounds[s]:bounds[s + 1]]
+        d_w = reference.csr_dense(down_values[s], down_crow[s], down_col[s], x.shape[1])
+        u_w = reference.csr_dense(up_values[s], up_crow[s], up_col[s], d_w.shape[0])
+        xs, g = x.index_select(0, r), grad_out.index_select(0, r) * scales[s]
+        h = xs @ d_w.T
+        if down_bias[s].numel():
+            h = h + down_bias[s]
+        dh = (g @ u_w) * reference.activation_grad(h, activation)
+        guv.append(reference.csr_sddmm(g, reference.activation(h, activation), up_crow[s], up_col[s]))
+        gub.append(g.sum(0) if up_bias[s].numel() else None)
+        gdv.append(reference.csr_sddmm(dh, xs, down_crow[s], down_col[s]))
+        gdb.append(dh.sum(0) if down_bias[s].numel() else None)
+        grad_x.index_add_(0, r, dh @ d_w)
+    return grad_x, gdv, gdb, guv, gub
 
 
 if EXTENSION.loaded:

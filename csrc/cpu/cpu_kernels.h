@@ -118,6 +118,35 @@ struct FusedBwdArgs {
   Config cfg;
 };
 
+// Several adapters over one batch (segmented_adapter): one adapter per segment of the batch's rows.
+// Adapter s is down [r, d] and up [d_out, r] in CSR with values in the storage dtype as stored (no
+// prepared copy), column indices int32 or int16 (SegFwdArgs::col16), row pointers int32; biases in the
+// storage dtype or null.
+struct SegAdapter {
+  const void* down_values; const void* down_col; const int32_t* down_crow; const void* down_bias;
+  const void* up_values; const void* up_col; const int32_t* up_crow; const void* up_bias;
+  int64_t r;
+  double scale;
+};
+
+// out[row] += scale_s * (up_s(act(down_s(x[row]) + bd_s)) + bu_s) for the rows of every segment s; `out`
+// holds the residual (or zeros) on entry. Work item i is the positions [item_pos[i], + item_len[i]) (at
+// most one tile of tokens) of segment item_seg[i]; rows[p] is the x / out row of position p (all distinct).
+struct SegFwdArgs {
+  DType dtype;
+  bool col16;
+  int64_t d, d_out, max_r;
+  const void* x; int64_t ldx;
+  void* out; int64_t ldo;
+  const int64_t* rows;
+  const SegAdapter* adapters;
+  const int64_t* item_seg; const int64_t* item_pos; const int32_t* item_len;
+  int64_t n_items;
+  Act act;
+  int threads;
+  int* bad_index;  // set to 1 by a kernel that met a column index out of range (that entry is skipped)
+};
+
 struct KernelTable {
   const char* name;
   bool wants_bf16_pairs;  // spmm takes bf16 CSR operands as pairs (SparseOperand::pptr)
@@ -125,6 +154,8 @@ struct KernelTable {
   void (*sddmm)(const SddmmArgs&);
   void (*fused_fwd)(const FusedFwdArgs&);
   void (*fused_bwd)(const FusedBwdArgs&);
+  void (*seg_fwd)(const SegFwdArgs&);
+  int seg_tile;  // tokens per work item of seg_fwd (two vectors)
 };
 
 // nullptr when the file was built for another architecture.

@@ -182,6 +182,7 @@ struct V {
 };
 
 #include "kernel_body.h"
+#include "segmented_body.h"
 
 void spmm(const SpmmArgs& a) {
   if (a.dtype == DType::bf16) Entry<V>::spmm<bf16_t>(a);
@@ -199,6 +200,10 @@ void fused_bwd(const FusedBwdArgs& a) {
   if (a.dtype == DType::bf16) Entry<V>::fused_bwd<bf16_t>(a);
   else Entry<V>::fused_bwd<float>(a);
 }
+void seg_fwd(const SegFwdArgs& a) {
+  if (a.dtype == DType::bf16) Seg<V>::dispatch_index<bf16_t>(a);
+  else Seg<V>::dispatch_index<float>(a);
+}
 
 }  // namespace avx2
 }  // namespace sak_cpu
@@ -211,7 +216,8 @@ void fused_bwd(const FusedBwdArgs& a) {
 
 namespace sak_cpu {
 const KernelTable* avx2_table() {
-  static const KernelTable table = {"avx2", false, &avx2::spmm, &avx2::sddmm, &avx2::fused_fwd, &avx2::fused_bwd};
+  static const KernelTable table = {"avx2", false, &avx2::spmm, &avx2::sddmm, &avx2::fused_fwd, &avx2::fused_bwd,
+                                    &avx2::seg_fwd, 2 * avx2::V::W};
   return &table;
 }
 }  // namespace sak_cpu

@@ -30,6 +30,7 @@ namespace avx512 {
 #include "vec_avx512.h"
 
 #include "kernel_body.h"
+#include "segmented_body.h"
 
 void spmm(const SpmmArgs& a) {
   if (a.dtype == DType::bf16) Entry<V>::spmm<bf16_t>(a);
@@ -47,6 +48,10 @@ void fused_bwd(const FusedBwdArgs& a) {
   if (a.dtype == DType::bf16) Entry<V>::fused_bwd<bf16_t>(a);
   else Entry<V>::fused_bwd<float>(a);
 }
+void seg_fwd(const SegFwdArgs& a) {
+  if (a.dtype == DType::bf16) Seg<V>::dispatch_index<bf16_t>(a);
+  else Seg<V>::dispatch_index<float>(a);
+}
 
 }  // namespace avx512
 }  // namespace sak_cpu
@@ -60,7 +65,8 @@ void fused_bwd(const FusedBwdArgs& a) {
 namespace sak_cpu {
 // Outside the target region: this function itself must run on any x86-64 CPU.
 const KernelTable* avx512_table() {
-  static const KernelTable table = {"avx512", false, &avx512::spmm, &avx512::sddmm, &avx512::fused_fwd, &avx512::fused_bwd};
+  static const KernelTable table = {"avx512", false, &avx512::spmm, &avx512::sddmm, &avx512::fused_fwd, &avx512::fused_bwd,
+                                    &avx512::seg_fwd, 2 * avx512::V::W};
   return &table;
 }
 }  // namespace sak_cpu

@@ -27,6 +27,7 @@ void spmm(const SpmmArgs& a);
 void sddmm(const SddmmArgs& a);
 void fused_fwd(const FusedFwdArgs& a);
 void fused_bwd(const FusedBwdArgs& a);
+void seg_fwd(const SegFwdArgs& a);
 }  // namespace avx512
 }  // namespace sak_cpu
 
@@ -199,7 +200,8 @@ void fused_bwd(const FusedBwdArgs& a) {
 namespace sak_cpu {
 const KernelTable* avx512bf16_table() {
   static const KernelTable table = {"avx512bf16", true, &avx512bf16::spmm, &avx512bf16::sddmm,
-                                    &avx512bf16::fused_fwd, &avx512bf16::fused_bwd};
+                                    &avx512bf16::fused_fwd, &avx512bf16::fused_bwd, &avx512::seg_fwd,
+                                    32};  // the AVX-512 segmented kernel (2 x 16 fp32 lanes)
   return &table;
 }
 }  // namespace sak_cpu

@@ -149,6 +149,7 @@ using V = VG<float>;
 using VD = VG<double>;
 
 #include "kernel_body.h"
+#include "segmented_body.h"
 
 void spmm(const SpmmArgs& a) {
   if (a.dtype == DType::f64) Entry<VD>::spmm<double>(a);
@@ -170,12 +171,17 @@ void fused_bwd(const FusedBwdArgs& a) {
   else if (a.dtype == DType::bf16) Entry<V>::fused_bwd<bf16_t>(a);
   else Entry<V>::fused_bwd<float>(a);
 }
+void seg_fwd(const SegFwdArgs& a) {
+  if (a.dtype == DType::f64) Seg<VD>::dispatch_index<double>(a);
+  else if (a.dtype == DType::bf16) Seg<V>::dispatch_index<bf16_t>(a);
+  else Seg<V>::dispatch_index<float>(a);
+}
 
 }  // namespace generic
 
 const KernelTable* generic_table() {
   static const KernelTable table = {"generic", false, &generic::spmm, &generic::sddmm, &generic::fused_fwd,
-                                    &generic::fused_bwd};
+                                    &generic::fused_bwd, &generic::seg_fwd, 2 * generic::V::W};
   return &table;
 }
 

@@ -1,5 +1,5 @@
 // The environment knobs of the CPU ops, read and validated in this one place, once per op call (tests
-// and benchmarks change them between calls). Included by ops_cpu.cpp only.
+// and benchmarks change them between calls). Included by the torch-side CPU files (glue.h) only.
 //
 //   SAK_CPU_ISA      auto | avx512bf16 | avx512 | avx2 | generic   kernel instruction set (auto: the best this CPU has)
 //   SAK_CPU_TILE     16 | 32 | 64                                   token tile (unset: chosen per shape)
