@@ -100,7 +100,9 @@ def test_new_adapters_are_inactive_and_frozen_set_adapter_switches_training():
     sak.set_adapter(model, "b")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and not any("adapter." in n for n in trainable)
-    assert {"classifier.weight", "classifier.bias"} <= trainable  # the head (modules_to_save) stays trainable
+    # the head (modules_to_save): b's own copy trains, not the original nor default's copy (test_heads.py)
+    assert {"classifier.adapters.b.weight", "classifier.adapters.b.bias"} <= trainable
+    assert not {"classifier.weight", "classifier.adapter.weight"} & trainable
 
 
 def test_a_list_stacks_sequential_adapters_and_sums_parallel_and_lora():

@@ -191,7 +191,9 @@ def test_base_frozen_head_and_adapters_train_pruned_stay_zero(arch, preset):
     adapter_like = ("adapter.", "lora_A", "lora_B", "sparse_adapter_prefix", "classifier")
     assert trainable and all(any(a in n for a in adapter_like) for n in trainable), sorted(trainable)
     if arch == "bert":
-        assert {"classifier.weight", "classifier.bias"} <= trainable  # the task head stays trainable
+        # the task head trains: the adapter's own copy of it, the original stays frozen (test_heads.py)
+        assert {"classifier.adapter.weight", "classifier.adapter.bias"} <= trainable
+        assert "classifier.weight" not in trainable
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lins = integration._adapter_sparse_linears(model)
     masks = {n: m.mask().clone() for n, m in lins.items()}
@@ -221,7 +223,7 @@ def test_print_trainable_parameters_counts_kept_weights(capsys):
     lins = integration._adapter_sparse_linears(model)
     kept = sum(m.values.numel() for m in lins.values())
     biases = sum(m.bias.numel() for m in lins.values())
-    head = sum(p.numel() for p in model.classifier.parameters())
+    head = sum(p.numel() for p in model.classifier.adapter.parameters())  # the adapter's copy of the head
     assert s["adapter_weights_kept"] == kept == round(0.2 * s["adapter_weights_dense"])
     assert s["trainable_params"] == kept + biases + head
     assert s["all_params"] == sum(p.numel() for p in model.parameters())
@@ -250,7 +252,8 @@ def test_target_modules_regex_and_names():
     model = build("bert")
     add_sparse_adapters(model, SparseAdapterConfig("houlsby", method="rand", modules_to_save=["pooler"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "bert.pooler.dense.weight" in trainable and "classifier.weight" not in trainable
+    assert "bert.pooler.adapter.dense.weight" in trainable  # the adapter's copy of the pooler (test_heads.py)
+    assert not any(n.startswith("classifier.") for n in trainable) and "bert.pooler.dense.weight" not in trainable
 
 
 def test_block_layout():

@@ -14,7 +14,8 @@ PEFT / AdapterHub style::
 
 Supported architectures (module names found per ``config.model_type``, overridable with
 ``target_modules``): BERT-style encoders (bert, roberta, xlm-roberta, electra, camembert, ...),
-T5 / mT5 / BART / mBART (encoder-decoder) and LLaMA-style decoders (llama, mistral, qwen2, ...).
+T5 / mT5 / BART / mBART (encoder-decoder), LLaMA-style decoders (llama, mistral, qwen2, ...) and GPT-2
+(gpt2: its ``Conv1D`` projections, LoRA on ``c_attn``; gpt_bigcode, gpt_neo).
 
 Where the adapters go (x = sublayer input, a = sublayer output, see docs/method.md):
 
@@ -22,7 +23,7 @@ Where the adapters go (x = sublayer input, a = sublayer output, see docs/method.
 houlsby     after the attention output projection and the FFN output projection: ``a + A(a)``
             (post-LN models: ``LN(x + a + A(a))``; the adapter sits right after the output ``Linear``)
 pfeiffer    FFN only. Post-LN models (BERT, BART): the FFN LayerNorm is wrapped,
-            ``h = LN(x + a)``, ``LN(x + a + A(h))``. Pre-LN models (T5, LLaMA) have no
+            ``h = LN(x + a)``, ``LN(x + a + A(h))``. Pre-LN models (T5, LLaMA, GPT-2) have no
             post-sublayer LayerNorm: the adapter sits after the FFN output projection (``x + a + A(a)``)
 parallel    beside the FFN: ``x + a + s * A(x)`` (BERT: added to the FFN residual input; T5/LLaMA: the FFN
             module's input). Not available for BART (its FFN is inlined in the layer's forward)
@@ -34,15 +35,19 @@ lora        ``W0 x + (alpha/r) B A x`` on the attention query and value projecti
 
 Several named adapters (``adapter_name=``), PEFT style: ``set_adapter`` (a name or a list), ``disable_adapter()``
 (a context manager), ``delete_adapter``, ``unload``, LoRA ``merge_adapter`` / ``unmerge_adapter`` /
-``merge_and_unload``; mixed batches with ``model(**inputs, adapter_names=[...])`` or ``mixed_batch``.
+``merge_and_unload``; mixed batches with ``model(**inputs, adapter_names=[...])`` or ``mixed_batch``, and
+``model.generate(..., adapter_names=[...])`` (one adapter per request, the names expanded for beams / returned
+sequences).
 On a transformers model, its own ``set_adapter``, ``disable_adapters``, ``enable_adapters``, ``active_adapters``,
 ``delete_adapter`` and ``save_pretrained`` work on the sparse adapters.
 
 Modules: ``config`` (SparseAdapterConfig, presets), ``sites`` (ARCHITECTURES, where adapters go), ``state``
-(which adapters a model has and runs), ``layers`` (the sites), ``inject`` (add_sparse_adapters and friends),
-``manage`` (named adapters, merging, unload), ``files`` / ``checkpoint`` (save / load, also from an FSDP2-sharded
-model), ``hf`` (transformers' methods, save_pretrained / from_pretrained, the Trainer callback), ``peft_interop``
-(PEFT LoRA export / import). See docs/integration.md.
+(which adapters a model has and runs), ``layers`` (the sites), ``heads`` (a task head per adapter,
+``modules_to_save``), ``inject`` (add_sparse_adapters and friends),
+``projections`` (what LoRA wraps: ``nn.Linear``, GPT-2's ``Conv1D``), ``manage`` (named adapters, merging,
+unload), ``generation`` (``generate(adapter_names=...)``), ``files`` / ``checkpoint`` (save / load, also from an
+FSDP2-sharded model), ``hf`` (transformers' methods, save_pretrained / from_pretrained, the Trainer callback),
+``peft_interop`` (PEFT LoRA export / import). See docs/integration.md.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ from .state import BASE_ONLY, DEFAULT_ADAPTER, AdapterState  # noqa: F401 (re-ex
 from .layers import (WRAPPERS, LoRAFactors, LoRALayer, ParallelAdapterLayer,  # noqa: F401 (re-exported)
                      PostNormAdapterLayer, PrefixSelfAttention, ResidualParallelAdapterLayer, SequentialAdapterLayer)
 from .sites import ARCHITECTURES, DEFAULT_HEADS, MODEL_TYPE_FAMILY, base_modules  # noqa: F401 (re-exported)
+from .heads import HeadSite  # noqa: F401 (re-exported)
 from .inject import (PREFIX_MODULE_NAME, _adapter_sparse_linears, adapter_sites,  # noqa: F401 (re-exported)
                      adapter_state, adapter_stats, add_sparse_adapters, print_trainable_parameters,
                      set_adapter_backend)
@@ -69,7 +75,7 @@ from .peft_interop import export_peft_lora, import_peft_lora  # noqa: F401 (re-e
 __all__ = ["SparseAdapterConfig", "add_sparse_adapters", "save_adapters", "load_adapters",
            "print_trainable_parameters", "adapter_stats", "adapter_sites", "set_adapter_backend",
            "read_adapter_config", "PRESETS", "ARCHITECTURES", "SequentialAdapterLayer", "PostNormAdapterLayer",
-           "ParallelAdapterLayer", "ResidualParallelAdapterLayer", "PrefixSelfAttention", "LoRALayer",
+           "ParallelAdapterLayer", "ResidualParallelAdapterLayer", "PrefixSelfAttention", "LoRALayer", "HeadSite",
            "set_adapter", "active_adapters", "list_adapters", "disable_adapter", "disable_adapters",
            "enable_adapters", "delete_adapter", "unload", "merge_adapter", "unmerge_adapter", "merge_and_unload",
            "mixed_batch", "from_pretrained", "SparseAdapterCallback", "export_peft_lora", "import_peft_lora"]

@@ -20,8 +20,7 @@ from .files import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, LEGACY_CONFIG_NAME
                     _safetensors_bytes, _staged_weights_name, _write_synced, directory_lock, read_adapter_config)
 from .inject import _insert, _state_or_raise, adapter_parts, adapter_state, site_entries
 from .manage import delete_adapter
-from .sites import (_hidden_size, _model_config, _model_type, _modules_to_save, _num_layers, _plan, base_modules,
-                    check_adapter_size)
+from .sites import _hidden_size, _model_config, _model_type, _num_layers, _plan, base_modules, check_adapter_size
 from .state import DEFAULT_ADAPTER, check_adapter_name
 
 PROGRESS_MIN_MODULES = 64  # progress bars (on a terminal only) for adapters with at least this many sparse layers
@@ -52,7 +51,8 @@ def _sparse_parts(model: nn.Module, name: str, bm=None) -> Dict[str, SparseLinea
 
 
 def _dense_params(model: nn.Module, name: str, config: SparseAdapterConfig, bm=None) -> Dict[str, nn.Parameter]:
-    """The dense tensors saved with adapter ``name``: its biases, the prefix, the ``modules_to_save``."""
+    """The dense tensors saved with adapter ``name``: its biases, the prefix, its copies of the ``modules_to_save``
+    heads (under the base model's names, e.g. ``classifier.weight``: what this adapter's copy loads from)."""
     out = {}
     bm = bm or base_modules(model)
     for key, part in adapter_parts(model, name, bm).items():
@@ -60,9 +60,6 @@ def _dense_params(model: nn.Module, name: str, config: SparseAdapterConfig, bm=N
         for pn, p in part.named_parameters():
             if id(p) not in sparse:
                 out[f"{key}.{pn}"] = p
-    for n in _modules_to_save(model, config, bm):
-        for pn, p in bm[n][1].named_parameters():
-            out.setdefault(f"{n}.{pn}", p)
     return out
 
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 from .checkpoint import _state, load_adapters, save_adapters
 from .config import SparseAdapterConfig
 from .files import CONFIG_NAME, LEGACY_CONFIG_NAME
+from .generation import expand_inputs_for_generation, generate
 from .inject import _state_or_raise, add_sparse_adapters
 from .manage import (active_adapters, delete_adapter, disable_adapters, enable_adapters, set_adapter)
 from .state import DEFAULT_ADAPTER, MODEL_METHODS, check_adapter_name
@@ -169,3 +170,5 @@ MODEL_METHODS.update(
     disable_adapters=disable_adapters, enable_adapters=enable_adapters, active_adapters=active_adapters,
     active_adapter=lambda model: active_adapters(model)[0], delete_adapter=delete_adapter,
     get_adapter_state_dict=_hf_get_adapter_state_dict, save_pretrained=save_pretrained)
+# generate(..., adapter_names=[...]): one adapter per request (integration.generation); only models that generate
+MODEL_METHODS.update(generate=generate, _expand_inputs_for_generation=expand_inputs_for_generation)

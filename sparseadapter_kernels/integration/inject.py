@@ -15,9 +15,11 @@ from ..backends import check_backend
 from ..modules import (BottleneckAdapter, HoulsbyAdapter, LoRA, ParallelAdapter, PfeifferAdapter, PrefixTuning,
                        SparseLinear)
 from .config import DATA_METHODS, SparseAdapterConfig
+from .heads import add_heads, head_parts, plan_heads, sync_head_grads
 from .layers import SITE_CLASS, SITES, LoRAFactors, LoRALayer, PrefixSelfAttention, site_kind
-from .sites import (_dtype_device, _hidden_size, _modules_to_save, _plan, _set_submodule, _site_width, base_modules,
-                    check_adapter_size, unwrap)
+from .projections import linear_features
+from .sites import (_dtype_device, _hidden_size, _plan, _set_submodule, _site_width, base_modules, check_adapter_size,
+                    unwrap)
 from .state import (DEFAULT_ADAPTER, STATE_ATTR, AdapterState, check_adapter_name, install_forward_hooks,
                     install_model_methods)
 
@@ -59,8 +61,9 @@ def prefix_attr(name: str) -> str:
 
 def adapter_parts(model: nn.Module, name: str, bm=None) -> Dict[str, nn.Module]:
     """``{key: module}`` of adapter ``name``: ``<site>.adapter`` (bottleneck), ``<site>.lora_A`` /
-    ``<site>.lora_B`` (LoRA), the prefix. Keys use logical site names and the default adapter's
-    attribute names whatever ``name`` is: they are the tensor names of a saved adapter."""
+    ``<site>.lora_B`` (LoRA), the prefix, ``<head>`` (its copy of a ``modules_to_save`` head). Keys use logical
+    site names and the default adapter's attribute names whatever ``name`` is: they are the tensor names of a
+    saved adapter."""
     out: Dict[str, nn.Module] = {}
     for logical, _, site in site_entries(model, bm):
         part = site.adapter_slots().get(name)
@@ -74,6 +77,7 @@ def adapter_parts(model: nn.Module, name: str, bm=None) -> Dict[str, nn.Module]:
     prefix = getattr(model, prefix_attr(name), None)
     if isinstance(prefix, PrefixTuning):
         out[PREFIX_MODULE_NAME] = prefix
+    out.update(head_parts(model, name, bm))
     return out
 
 
@@ -104,8 +108,9 @@ def _new_part(kind: str, base: nn.Module, model: nn.Module, config: SparseAdapte
     kw = dict(layout=config.layout, block_size=config.block_size if config.layout == "bsr" else None,
               backend=config.backend, device=device, dtype=dtype)
     if kind == "lora":
-        hp = config.resolved(base.in_features)
-        return LoRAFactors(base.in_features, base.out_features, r=hp["r"], alpha=hp["alpha"],
+        n_in, n_out = linear_features(base)  # an nn.Linear or GPT-2's Conv1D
+        hp = config.resolved(n_in)
+        return LoRAFactors(n_in, n_out, r=hp["r"], alpha=hp["alpha"],
                            dropout=float(config.dropout or 0.0), **kw)
     d = _site_width(base, kind, model)
     hp = config.resolved(d)
@@ -143,6 +148,7 @@ def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_A
                          f"(adapters {state.names()}); pass another adapter_name, or delete_adapter it first")
     plan = _plan(model, config)
     _check_plan(model, plan, name)
+    heads = plan_heads(model, config, plan, base_modules(model))  # the modules_to_save, checked
     check_adapter_size(model, config, plan)  # before anything is allocated
     old_modules = {id(m) for m in model.modules()}
     first = state is None
@@ -182,13 +188,13 @@ def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_A
             site._sa_state = state
             _set_submodule(model, real, site)
         site.add_adapter_module(name, part)
+    for n in heads:
+        _warn_if_tied(model, unwrap(bm[n][1]), n)
+    add_heads(model, heads, name, state)  # a copy of each head for this adapter (heads.py)
     for part in _trainable_modules(model, name):
         part.requires_grad_(name in state.active)
-    for n in _modules_to_save(model, config):
-        mod = bm[n][1]
-        mod.requires_grad_(True)
-        _warn_if_tied(model, mod, n)
-    for m in model.modules():  # the new modules (sites, adapters, prefix) take the model's train / eval mode
+    sync_head_grads(model, state)
+    for m in model.modules():  # the new modules (sites, adapters, head copies, prefix) take the model's mode
         if id(m) not in old_modules:
             m.training = model.training  # this module alone: a site's base module keeps its own mode
     model._sparse_adapter_config = state.configs[state.names()[0]]
@@ -199,8 +205,9 @@ def _warn_if_tied(model: nn.Module, mod: nn.Module, name: str) -> None:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(mod, "weight", None)
     if emb is not None and isinstance(w, torch.Tensor) and getattr(emb, "weight", None) is w:
-        warnings.warn(f"modules_to_save: {name}.weight is tied to the input embeddings, so training it also trains "
-                      "the embeddings (and saves them with the adapters)", UserWarning, stacklevel=3)
+        warnings.warn(f"modules_to_save: {name}.weight is tied to the input embeddings; each adapter gets its own "
+                      f"untied copy of {name} (a full matrix, trained and saved with the adapter), the embeddings "
+                      "stay frozen", UserWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,9 @@ import torch.nn as nn
 
 from .. import ops
 from ..modules import LoRA, SparseLinear, _init_kaiming, _init_zero
+from .projections import linear_features, out_in_weight
+from . import segments
+from .keys import _load_state_dict_pre_hook, _state_dict_post_hook
 from .state import DEFAULT_ADAPTER, AdapterState
 
 
@@ -28,34 +31,6 @@ def _run_adapter(adapter: nn.Module, z: torch.Tensor, residual=None) -> torch.Te
         return adapter(z, residual)
     res = residual.to(dt) if isinstance(residual, torch.Tensor) else residual
     return adapter(z.to(dt), res).to(z.dtype)
-
-
-# --- state dict: the base module's tensors keep the base model's key names -------------------------------
-def _state_dict_post_hook(module, state_dict, prefix, local_metadata) -> None:
-    """``<prefix>base.<key>`` -> ``<prefix><key>``; this module's entries are the last ones (order kept)."""
-    mine = []
-    for k in reversed(state_dict):
-        if not k.startswith(prefix):
-            break
-        mine.append(k)
-    base_p = prefix + "base."
-    for k in reversed(mine):
-        v = state_dict.pop(k)
-        state_dict[prefix + k[len(base_p):] if k.startswith(base_p) else k] = v
-
-
-def _load_state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-    """Base-model key names (and the ``.base.`` names of earlier versions) load into ``.base``."""
-    own = module._own_children
-    for k in list(state_dict):
-        if not k.startswith(prefix):
-            continue
-        rest = k[len(prefix):]
-        head = rest.split(".", 1)[0]
-        if head == "base" or head in own:
-            continue
-        state_dict[prefix + "base." + rest] = state_dict.pop(k)
 
 
 def _cat(ts):
@@ -128,13 +103,18 @@ class _Site:
                 groups.append(([slots[name]], rows))
         return None, groups
 
-    def _replace_rows(self, t: torch.Tensor, fn) -> torch.Tensor:
-        """``fn(modules, t)`` for the whole batch, or on each group's rows of a mixed batch (one scatter)."""
+    def _replace_rows(self, t: torch.Tensor, fn, adapter_input=None) -> torch.Tensor:
+        """``fn(modules, t)`` for the whole batch, or on each group's rows of a mixed batch (one scatter). With
+        ``adapter_input``: a mixed batch runs as ``t + A_g(adapter_input(t))`` in one segmented call when it can."""
         mods, groups = self._route(t)
         if groups is None:
             return fn(mods, t) if mods else t
         if not groups:
             return t
+        if adapter_input is not None:
+            out = segments.run_groups(self, groups, adapter_input(t), t, segments.bottleneck_parts)
+            if out is not None:
+                return out
         parts = [fn(mods, t.index_select(0, rows)) for mods, rows in groups]
         return t.index_copy(0, _cat([rows for _, rows in groups]), _cat(parts))
 
@@ -147,6 +127,9 @@ class _Site:
             return out
         if not groups:
             return out
+        one_call = segments.run_groups(self, groups, x, out, segments.bottleneck_parts)
+        if one_call is not None:
+            return one_call
         parts = []
         for mods, rows in groups:
             xs = x.index_select(0, rows)
@@ -189,6 +172,10 @@ class _AdapterWrapper(_Site, nn.Module):
         return f"site={self.site_kind!r}"
 
 
+def _same(t):
+    return t
+
+
 def _chain(mods, y):
     for a in mods:
         y = _run_adapter(a, y)
@@ -203,8 +190,8 @@ class SequentialAdapterLayer(_AdapterWrapper):
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         if isinstance(out, tuple):
-            return (self._replace_rows(out[0], _chain),) + tuple(out[1:])
-        return self._replace_rows(out, _chain)
+            return (self._replace_rows(out[0], _chain, _same),) + tuple(out[1:])
+        return self._replace_rows(out, _chain, _same)
 
 
 class PostNormAdapterLayer(_AdapterWrapper):
@@ -220,7 +207,7 @@ class PostNormAdapterLayer(_AdapterWrapper):
                 t = _run_adapter(a, self.base(t), residual=t)
             return t
 
-        return self.base(self._replace_rows(s, stack))
+        return self.base(self._replace_rows(s, stack, self.base))
 
 
 class ParallelAdapterLayer(_AdapterWrapper):
@@ -275,10 +262,12 @@ class LoRALayer(_Site, LoRA):
     _own_children = ("lora_A", "lora_B", "lora_dropout", "loras")
     _default_attr = "lora_A"
     _extra_attr = "loras"
+    in_features = property(lambda self: linear_features(self.base)[0])  # also a Conv1D's (LoRA's would fail)
+    out_features = property(lambda self: linear_features(self.base)[1])
 
-    def __init__(self, base: nn.Linear, backend: str = "auto"):
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+    def __init__(self, base: nn.Module, backend: str = "auto"):  # an nn.Linear or a transformers Conv1D (GPT-2)
+        if linear_features(base) is None:
+            raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
         nn.Module.__init__(self)
         self._init_site(base)
         self.backend = backend
@@ -325,6 +314,9 @@ class LoRALayer(_Site, LoRA):
             return out
         if not groups:
             return out
+        one_call = segments.run_groups(self, groups, x, out, segments.lora_parts)
+        if one_call is not None:
+            return one_call
         parts = [self._delta(hs[0], x.index_select(0, rows), backend=self.backend) for hs, rows in groups]
         return out.index_add(0, _cat([rows for _, rows in groups]), _cat(parts).to(out.dtype))
 
@@ -332,7 +324,7 @@ class LoRALayer(_Site, LoRA):
     def merge_adapter(self, name: str) -> None:
         """``W0 += (alpha / r) B A`` on the entries the kept A and B reach; those entries are kept for unmerge."""
         h = self.adapter_slots()[name]
-        w = self.base.weight
+        w = out_in_weight(self.base)  # [out, in] (a Conv1D's weight transposed: a view)
         support = (h.lora_B.mask().double() @ h.lora_A.mask().double()) > 0
         delta = (h.lora_B.weight.double() @ h.lora_A.weight.double()) * (h.alpha / h.r)
         self._merge_backup[name] = (support, w[support].clone())
@@ -342,7 +334,7 @@ class LoRALayer(_Site, LoRA):
     def unmerge_adapter(self, name: str) -> None:
         """Restore the entries :meth:`merge_adapter` changed (bit-exact)."""
         support, orig = self._merge_backup.pop(name)
-        self.base.weight[support] = orig
+        out_in_weight(self.base)[support] = orig
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={h.r}, alpha={h.alpha}" for n, h in self.adapter_slots().items())

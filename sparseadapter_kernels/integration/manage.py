@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from .heads import head_choices, remove_heads, sync_head_grads
 from .inject import _state_or_raise, adapter_parts, adapter_state, prefix_attr, site_entries
 from .layers import PrefixSelfAttention, site_kind
 from .sites import _set_submodule, unwrap
@@ -42,7 +43,8 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> No
     A list follows AdapterHub's ``Stack`` where it is defined: at a site holding several of them, sequential
     bottleneck adapters (houlsby, pfeiffer) run one after the other in list order, the output of one the input
     of the next. Parallel adapters and LoRA have no order: their outputs are added (``base(x) + sum_a A_a(x)``,
-    PEFT's meaning of several active LoRA adapters). A site without some of them runs the others.
+    PEFT's meaning of several active LoRA adapters). A site without some of them runs the others. A task head
+    (``modules_to_save``) runs, and trains, the copy of the last of them holding one (see :mod:`.heads`).
     """
     state = _state_or_raise(model, "set_adapter")
     names = _names(state, adapter_name, "set_adapter")
@@ -50,6 +52,7 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> No
     for n in state.names():
         for part in adapter_parts(model, n).values():
             part.requires_grad_(n in names)
+    sync_head_grads(model, state)
 
 
 def _refuse_if_merged(state: AdapterState, what: str) -> None:
@@ -103,12 +106,14 @@ def _by_depth(model: nn.Module):
 
 def delete_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> None:
     """Remove adapter(s) from every site; a site left without adapters becomes its base module again. Deleting
-    the last adapter is :func:`unload`. An active adapter deleted leaves the others active (or the first one)."""
+    the last adapter is :func:`unload`. An active adapter deleted leaves the others active (or the first one, which
+    then trains). Their copies of the task heads go too; a head left without copies is its original module again."""
     state = _state_or_raise(model, "delete_adapter")
     names = _names(state, adapter_name, "delete_adapter")
     if set(names) >= set(state.names()):
         unload(model)
         return
+    remove_heads(model, names)  # first: a head may sit inside a site's base module
     for name in names:
         if name in state.merged:
             unmerge_adapter(model, name)
@@ -122,7 +127,11 @@ def delete_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) ->
         if hasattr(model, prefix_attr(name)):
             delattr(model, prefix_attr(name))
         del state.configs[name]
-    state.active = [n for n in state.active if n not in names] or state.names()[:1]
+    active = [n for n in state.active if n not in names]
+    state.active = active or state.names()[:1]
+    if not active:  # the first adapter left takes over: it trains (PEFT's delete_adapter)
+        set_adapter(model, state.active)
+    sync_head_grads(model, state)  # a stack may now run another adapter's copy of a head
     model._sparse_adapter_config = state.configs[state.names()[0]]
 
 
@@ -168,12 +177,14 @@ def unmerge_adapter(model: nn.Module, adapter_names: Optional[Union[str, Sequenc
         merge_adapter(model, keep)
 
 
-def unload(model: nn.Module, _keep_merged: bool = False) -> nn.Module:
+def unload(model: nn.Module, _keep_merged: bool = False, _heads=None) -> nn.Module:
     """Remove every adapter: the base model exactly as before ``add_sparse_adapters`` (its modules back in
-    place, LoRA unmerged, the requires_grad flags restored, no hook or method of ours left). Returned."""
+    place, the original task heads too, LoRA unmerged, the requires_grad flags restored, no hook or method of
+    ours left). Returned. (``_heads``: ``{head: copy}`` put in place of those originals, for merge_and_unload.)"""
     state = _state_or_raise(model, "unload")
     if not _keep_merged and state.merged:
         unmerge_adapter(model)
+    remove_heads(model, keep=_heads)  # first: a head may sit inside a site's base module
     for _, real, site in _by_depth(model):
         _set_submodule(model, real, unwrap(site))
     for name in state.names():
@@ -190,12 +201,17 @@ def unload(model: nn.Module, _keep_merged: bool = False) -> nn.Module:
 
 def merge_and_unload(model: nn.Module, adapter_names: Optional[Union[str, Sequence[str]]] = None) -> nn.Module:
     """Merge LoRA adapters (default: the active ones) and return the plain base model holding them (PEFT's
-    ``merge_and_unload``); other adapters are dropped. Bottleneck adapters raise: they cannot merge."""
+    ``merge_and_unload``); other adapters are dropped. Bottleneck adapters raise: they cannot merge.
+
+    Task heads (``modules_to_save``), PEFT's rule: at each head, the copy of the one merged adapter holding one
+    replaces the original (none: the original stays); two merged adapters holding copies of one head raise
+    ``ValueError``, before anything changes."""
     state = _state_or_raise(model, "merge_and_unload")
     names = _names(state, state.active if adapter_names is None else adapter_names, "merge_and_unload")
     _check_mergeable(state, names, "merge_and_unload")
+    heads = head_choices(model, names)
     others = [n for n in state.merged if n not in names]
     if others:
         unmerge_adapter(model, others)
     merge_adapter(model, names)
-    return unload(model, _keep_merged=True)
+    return unload(model, _keep_merged=True, _heads=heads)

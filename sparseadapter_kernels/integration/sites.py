@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 from .config import SparseAdapterConfig, _is_int
-from .layers import site_kind
+from .layers import _Site, site_kind
+from .projections import linear_features
 
 # Architectures: regexes (re.fullmatch on module names) of the insertion sites.
-# attn_out: attention output projection (Linear); ffn_out: FFN output projection (Linear);
+# attn_out: attention output projection (Linear; GPT-2: Conv1D); ffn_out: FFN output projection (Linear / Conv1D);
 # ffn_ln: post-FFN LayerNorm of post-LN models (None: pre-LN); ffn_block: the FFN module a parallel
 # adapter goes beside (None: not available); lora: default LoRA targets (names); self_attn: BERT-style
 # self-attention for prefix tuning (None: not available).
@@ -28,6 +29,12 @@ ARCHITECTURES: Dict[str, Dict[str, Any]] = {
                  self_attn=None),
     "llama": dict(attn_out=r"(.*\.)?self_attn\.o_proj", ffn_out=r"(.*\.)?layers\.\d+\.mlp\.down_proj", ffn_ln=None,
                   ffn_block=r"(.*\.)?layers\.\d+\.mlp", lora=["q_proj", "v_proj"], self_attn=None),
+    # GPT-2: pre-LN, projections are transformers' Conv1D (weight [in, out]); LoRA on the fused q/k/v c_attn (PEFT's).
+    # gpt_bigcode has the same names (nn.Linear); GPT-Neo: nn.Linear, separate q/k/v.
+    "gpt2": dict(attn_out=r"(.*\.)?attn\.c_proj", ffn_out=r"(.*\.)?h\.\d+\.mlp\.c_proj", ffn_ln=None,
+                 ffn_block=r"(.*\.)?h\.\d+\.mlp", lora=["c_attn"], self_attn=None),
+    "gpt_neo": dict(attn_out=r"(.*\.)?attn\.attention\.out_proj", ffn_out=r"(.*\.)?h\.\d+\.mlp\.c_proj", ffn_ln=None,
+                    ffn_block=r"(.*\.)?h\.\d+\.mlp", lora=["q_proj", "v_proj"], self_attn=None),
 }
 MODEL_TYPE_FAMILY = {
     **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "roberta-prelayernorm",
@@ -36,6 +43,8 @@ MODEL_TYPE_FAMILY = {
     **{t: "bart" for t in ("bart", "mbart", "plbart", "marian", "pegasus", "blenderbot", "blenderbot-small")},
     **{t: "llama" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo",
                             "olmo2", "granite", "cohere", "stablelm", "starcoder2")},
+    "gpt2": "gpt2", "gpt_bigcode": "gpt2",  # gpt_bigcode: GPT-2's module names, nn.Linear projections
+    "gpt_neo": "gpt_neo",
 }
 # Task heads that stay trainable by default (PEFT's SEQ_CLS / TOKEN_CLS / QA conventions).
 DEFAULT_HEADS = ("classifier", "score", "qa_outputs", "classification_head")
@@ -86,16 +95,17 @@ def _is_norm(module: nn.Module) -> bool:
 def base_modules(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
     """``{logical name: (real name, module)}`` of the base model's modules, in model order.
 
-    An adapter site stands for the module it wraps: it has that module's name, the wrapped module (its
-    ``.base``) is hidden and the modules inside it keep their names without ``.base``; the adapters'
-    own modules are left out. Without adapters, logical and real names are ``named_modules()``'s.
+    An adapter site (or a task head held per adapter, :class:`~.heads.HeadSite`) stands for the module it
+    wraps: it has that module's name, the wrapped module (its ``.base``) is hidden and the modules inside it keep
+    their names without ``.base``; the adapters' own modules (and head copies) are left out. Without adapters,
+    logical and real names are ``named_modules()``'s.
     """
     out: Dict[str, Tuple[str, nn.Module]] = {}
 
     def visit(mod: nn.Module, real: str, logical: str) -> None:
         out[logical] = (real, mod)
         children = mod._modules.items()
-        if site_kind(mod) is not None:
+        if _wraps(mod):
             base = mod._modules["base"]
             real = f"{real}.base" if real else "base"
             children = base._modules.items()
@@ -108,8 +118,13 @@ def base_modules(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module an adapter site wraps (the module itself when it is not a site)."""
-    return module._modules["base"] if site_kind(module) is not None else module
+    """The module an adapter site or a head site wraps (the module itself when it is neither)."""
+    return module._modules["base"] if _wraps(module) else module
+
+
+def _wraps(module: nn.Module) -> bool:
+    """An adapter site, or a task head held per adapter (a ``_Site`` without a ``site_kind`` of its own)."""
+    return site_kind(module) is not None or isinstance(module, _Site)
 
 
 def _match(names: Sequence[str], pattern: Union[str, List[str]], what: str, model: nn.Module) -> List[str]:
@@ -181,8 +196,9 @@ def _plan(model: nn.Module, config: SparseAdapterConfig) -> List[Tuple[str, str]
     if preset == "lora":
         targets = config.target_modules if config.target_modules is not None else arch["lora"]
         for n in _match(names, targets, "LoRA targets", model):
-            if not isinstance(named[n], nn.Linear):
-                raise TypeError(f"target_modules: LoRA wraps nn.Linear modules; {n!r} is a {type(named[n]).__name__}")
+            if linear_features(named[n]) is None:
+                raise TypeError(f"target_modules: LoRA wraps nn.Linear modules (or GPT-2's Conv1D); {n!r} is a "
+                                f"{type(named[n]).__name__}")
             plan.append((n, "lora"))
         return plan
     if preset == "houlsby":
@@ -238,14 +254,15 @@ def _takes_residual_arg(module: nn.Module) -> bool:
 
 
 def _site_width(module: nn.Module, kind: str, model: nn.Module) -> int:
-    if kind == "sequential" and isinstance(module, nn.Linear):
-        return module.out_features
+    features = linear_features(module)  # (in, out) of an nn.Linear or a Conv1D, else None
+    if kind == "sequential" and features is not None:
+        return features[1]
     if kind == "post_norm":
         w = getattr(module, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1:
             return int(w.shape[0])
-    if kind == "parallel" and isinstance(module, nn.Linear):
-        return module.in_features
+    if kind == "parallel" and features is not None:
+        return features[0]
     h = _hidden_size(model)
     if h is None:
         raise ValueError(f"model: cannot tell the hidden size for the adapter at {type(module).__name__}; "
@@ -278,8 +295,9 @@ def planned_weights(model: nn.Module, config: SparseAdapterConfig, plan: List[Tu
         if kind == "prefix":
             continue
         if kind == "lora":
-            r = config.resolved(base.in_features)["r"]
-            shapes += [(r, base.in_features), (base.out_features, r)]
+            n_in, n_out = linear_features(base)
+            r = config.resolved(n_in)["r"]
+            shapes += [(r, n_in), (n_out, r)]
             continue
         d = _site_width(base, kind, model)
         b = config.resolved(d)["bottleneck"]

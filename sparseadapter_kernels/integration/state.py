@@ -35,13 +35,14 @@ class CallState:
     mixed batch's rows per adapter (computed once per device). ``parent``: the enclosing call's settings;
     ``by_forward``: set by a forward of the model (its post hook ends it)."""
 
-    __slots__ = ("names", "disabled", "parent", "by_forward", "token", "_groups")
+    __slots__ = ("names", "disabled", "parent", "by_forward", "token", "_groups", "segments")
 
     def __init__(self, parent: Optional["CallState"], by_forward: bool):
         self.names: Optional[Tuple[str, ...]] = parent.names if parent is not None else None
         self.disabled: Optional[bool] = parent.disabled if parent is not None else None
         self.parent, self.by_forward, self.token = parent, by_forward, None
         self._groups: Dict[torch.device, List[Tuple[str, torch.Tensor]]] = {}
+        self.segments: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}  # integration.segments: rows per shape
 
     def groups(self, n_rows: int, device: torch.device, where: str) -> List[Tuple[str, torch.Tensor]]:
         """``[(adapter name, row indices)]`` of the mixed batch (one entry per distinct name)."""
