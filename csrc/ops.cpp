@@ -52,8 +52,8 @@ TORCH_LIBRARY(sparseadapter_kernels, m) {
   //   out = residual (zeros when None), then for every segment s and every position p in
   //   [seg_ptr[s], seg_ptr[s+1]): out[rows[p]] += scales[s] * (up_s(act(down_s(x[rows[p]]) + down_bias_s)) + up_bias_s)
   // rows: int64 [M] distinct rows of x (M <= N); seg_ptr: int64 [S + 1] from 0 to M; adapter s is CSR down [r_s, d]
-  // (down_values[s] [nnz], down_crow_indices[s] int32 [r_s + 1], down_col_indices[s] int32 or int16 [nnz]) and
-  // up [d_out, r_s] likewise; values and biases in x's dtype (an empty bias tensor: no bias; not Tensor?[], whose
+  // (down_values[s] [nnz], down_crow_indices[s] int32 row pointers [r_s + 1] or int16 row lengths [r_s] (compact
+  // storage), down_col_indices[s] int32 or int16 [nnz]) and up [d_out, r_s] likewise; values and biases in x's dtype (an empty bias tensor: no bias; not Tensor?[], whose
   // entries autograd cannot differentiate). Returns out [N, d_out].
   m.def("segmented_adapter(Tensor x, Tensor? residual, Tensor rows, Tensor seg_ptr, "
         "Tensor[] down_values, Tensor[] down_crow_indices, Tensor[] down_col_indices, Tensor[] down_bias, "

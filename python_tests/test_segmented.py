@@ -217,7 +217,7 @@ def test_errors_name_the_argument():
         (_bad(kw, up_crow_indices=[kw["up_crow_indices"][0][:-1]] + kw["up_crow_indices"][1:]),
          r"up_crow_indices\[0\]: expected 46 entries"),
         (_bad(kw, down_col_indices=[kw["down_col_indices"][0].short()] + kw["down_col_indices"][1:]),
-         r"col_indices\[\d\]: expected dtype Short \(int32 or int16, the same for every adapter\), got Int"),
+         r"up_col_indices\[0\]: expected dtype Short \(int32 or int16, both projections of an adapter alike\), got Int"),
         (_bad(kw, residual=kw["residual"][:, :3]), r"residual: expected shape \[61, 45\]"),
         (_bad(kw, up_bias=[torch.zeros(3)] + kw["up_bias"][1:]), r"up_bias\[0\]: expected shape \[45\]"),
     ]
@@ -261,3 +261,37 @@ def test_reference_is_the_fallback_off_cpu_kernels():
                                                          "up_values", "up_crow_indices", "up_col_indices", "up_bias",
                                                          "scales")), "relu", kw["d_out"])
     assert torch.equal(got, want)
+
+
+def lengths(crow):
+    """int16 row lengths of int32 row pointers (the compact storage of the adapter pool)."""
+    return (crow[1:] - crow[:-1]).to(torch.int16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int16_row_lengths(dtype):
+    kw, kw64 = make_case(dtype, col_dtype=torch.int16, seed=37, empty_rows=2)
+    for k in (kw, kw64):
+        for which in ("down", "up"):
+            k[f"{which}_crow_indices"] = [lengths(c) for c in k[f"{which}_crow_indices"]]
+    check(kw, kw64, "relu", what="int16 row lengths")
+    if dtype == torch.float64:  # gradients through the per-segment backward with row lengths
+        v = [t.clone().requires_grad_(True) for t in kw["down_values"]]
+        got = torch.autograd.grad(ops.segmented_adapter(**dict(kw, down_values=v), backend="cpu").sum(), v,
+                                  allow_unused=True, materialize_grads=True)
+        want = torch.autograd.grad(ops.segmented_adapter(**dict(kw, down_values=v), backend="reference").sum(), v,
+                                   allow_unused=True, materialize_grads=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_bad_row_lengths_are_refused():
+    kw, _ = make_case(torch.float32, seed=41)
+    bad = [lengths(c) for c in kw["down_crow_indices"]]
+    bad[0] = bad[0].clone()
+    bad[0][0] += 1
+    with pytest.raises(RuntimeError, match=r"down_crow_indices\[0\]: expected row lengths summing to"):
+        ops.segmented_adapter(**_bad(kw, down_crow_indices=bad), backend="cpu")
+    bad[0][0] = -1
+    with pytest.raises(RuntimeError, match=r"expected row lengths >= 0"):
+        ops.segmented_adapter(**_bad(kw, down_crow_indices=bad), backend="cpu")

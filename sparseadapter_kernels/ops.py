@@ -197,9 +197,8 @@ def segmented_adapter(x: torch.Tensor, rows: torch.Tensor, seg_ptr: torch.Tensor
 
     ``x [N, d]``; ``rows`` (int64 ``[M]``, distinct rows of ``x``) grouped by ``seg_ptr`` (int64 ``[S + 1]``, 0 to
     M): the rows of segment ``s`` go through adapter ``s``: ``down [r_s, d]`` and ``up [d_out, r_s]`` as CSR arrays
-    (values in x's dtype, row pointers int32, columns int32 or int16), biases (None or empty: none), ``scales[s]``.
-    Returns
-    ``residual + scale_s * (up_s(act(down_s(x) + bd_s)) + bu_s)`` on the rows of the segments and ``residual``
+    (values in x's dtype, rows as int32 pointers or int16 lengths, columns int32 or int16), biases (None or empty:
+    none), ``scales[s]``. Returns ``residual + scale_s * (up_s(act(down_s(x) + bd_s)) + bu_s)`` on the rows of the segments and ``residual``
     (zeros when None) on the others. Differentiable in ``x``, ``residual``, every adapter's values and biases.
     ``backend``: ``"cpu"`` (the segmented kernel), ``"reference"`` (plain PyTorch) or ``"auto"`` (the kernel for
     CPU tensors when the extension is built, else the reference).
@@ -214,7 +213,7 @@ def segmented_adapter(x: torch.Tensor, rows: torch.Tensor, seg_ptr: torch.Tensor
     if d_out is None:
         if residual is None and not n_seg:
             raise ValueError("d_out: needed when there is neither a residual nor an adapter")
-        d_out = residual.shape[-1] if residual is not None else up_crow_indices[0].numel() - 1
+        d_out = residual.shape[-1] if residual is not None else reference.row_pointers(up_crow_indices[0]).numel() - 1
     activation = reference.canonical_activation(activation)
     args = (x, residual, rows, seg_ptr, list(down_values), list(down_crow_indices), list(down_col_indices), down_bias,
             list(up_values), list(up_crow_indices), list(up_col_indices), up_bias, scales, activation, int(d_out))
@@ -358,16 +357,17 @@ def segmented_adapter_backward(grad_out, x, rows, seg_ptr, down_values, down_cro
     bounds = seg_ptr.tolist()
     for s in range(len(down_values)):
         r = rows[bounds[s]:bounds[s + 1]]
-        d_w = reference.csr_dense(down_values[s], down_crow[s], down_col[s], x.shape[1])
-        u_w = reference.csr_dense(up_values[s], up_crow[s], up_col[s], d_w.shape[0])
+        d_ptr, u_ptr = reference.row_pointers(down_crow[s]), reference.row_pointers(up_crow[s])
+        d_w = reference.csr_dense(down_values[s], d_ptr, down_col[s], x.shape[1])
+        u_w = reference.csr_dense(up_values[s], u_ptr, up_col[s], d_w.shape[0])
         xs, g = x.index_select(0, r), grad_out.index_select(0, r) * scales[s]
         h = xs @ d_w.T
         if down_bias[s].numel():
             h = h + down_bias[s]
         dh = (g @ u_w) * reference.activation_grad(h, activation)
-        guv.append(reference.csr_sddmm(g, reference.activation(h, activation), up_crow[s], up_col[s]))
+        guv.append(reference.csr_sddmm(g, reference.activation(h, activation), u_ptr, up_col[s]))
         gub.append(g.sum(0) if up_bias[s].numel() else None)
-        gdv.append(reference.csr_sddmm(dh, xs, down_crow[s], down_col[s]))
+        gdv.append(reference.csr_sddmm(dh, xs, d_ptr, down_col[s]))
         gdb.append(dh.sum(0) if down_bias[s].numel() else None)
         grad_x.index_add_(0, r, dh @ d_w)
     return grad_x, gdv, gdb, guv, gub

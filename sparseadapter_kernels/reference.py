@@ -159,9 +159,18 @@ def fused_adapter_backward(grad_out, x, hidden, down_values, down_crow_indices, 
     return grad_x, grad_down_values, grad_down_bias, grad_up_values, grad_up_bias
 
 
+def row_pointers(crow: torch.Tensor) -> torch.Tensor:
+    """CSR row pointers ``[rows + 1]`` of ``crow``: itself, or (int16 row lengths of compact storage) their
+    running sum from 0."""
+    if crow.dtype != torch.int16:
+        return crow
+    return torch.cat([crow.new_zeros(1, dtype=torch.int64), crow.long().cumsum(0)])
+
+
 def segmented_adapter(x, residual, rows, seg_ptr, down_values, down_crow_indices, down_col_indices, down_bias,
                       up_values, up_crow_indices, up_col_indices, up_bias, scales, activation_name: str, d_out: int):
-    """Several adapters over one batch (schema: csrc/ops.cpp): ``out = residual`` (zeros when None), then for
+    """Several adapters over one batch (schema: csrc/ops.cpp; rows as int32 pointers or int16 lengths):
+    ``out = residual`` (zeros when None), then for
     each segment ``s`` the rows ``rows[seg_ptr[s]:seg_ptr[s + 1]]`` get ``+ scales[s] * (up_s(act(down_s(x[rows])
     + down_bias[s])) + up_bias[s])``. Differentiable through autograd (the values of every adapter, x, the
     residual and the biases)."""
@@ -172,11 +181,11 @@ def segmented_adapter(x, residual, rows, seg_ptr, down_values, down_crow_indices
         if r.numel() == 0:
             continue
         xs = x.index_select(0, r)
-        h = xs @ csr_dense(down_values[s], down_crow_indices[s], down_col_indices[s], x.shape[1]).T
+        h = xs @ csr_dense(down_values[s], row_pointers(down_crow_indices[s]), down_col_indices[s], x.shape[1]).T
         if down_bias[s] is not None and down_bias[s].numel():  # None or empty: no bias
             h = h + down_bias[s]
-        o = activation(h, activation_name) @ csr_dense(up_values[s], up_crow_indices[s], up_col_indices[s],
-                                                       h.shape[1]).T
+        o = activation(h, activation_name) @ csr_dense(up_values[s], row_pointers(up_crow_indices[s]),
+                                                       up_col_indices[s], h.shape[1]).T
         if up_bias[s] is not None and up_bias[s].numel():
             o = o + up_bias[s]
         out = out.index_add(0, r, o * scales[s])

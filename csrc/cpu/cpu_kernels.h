@@ -118,15 +118,23 @@ struct FusedBwdArgs {
   Config cfg;
 };
 
+// The rows of a CSR matrix in a segmented adapter: row pointers (int32 [rows + 1]) or, in compact storage,
+// row lengths (int16 [rows]: row m starts where row m - 1 ends); exactly one of the two is set.
+struct SegRows {
+  const int32_t* ptr = nullptr;
+  const int16_t* len = nullptr;
+};
+
 // Several adapters over one batch (segmented_adapter): one adapter per segment of the batch's rows.
 // Adapter s is down [r, d] and up [d_out, r] in CSR with values in the storage dtype as stored (no
-// prepared copy), column indices int32 or int16 (SegFwdArgs::col16), row pointers int32; biases in the
-// storage dtype or null.
+// prepared copy), column indices int16 (col16) or int32 (both projections alike); biases in the storage
+// dtype or null.
 struct SegAdapter {
-  const void* down_values; const void* down_col; const int32_t* down_crow; const void* down_bias;
-  const void* up_values; const void* up_col; const int32_t* up_crow; const void* up_bias;
+  const void* down_values; const void* down_col; SegRows down_rows; const void* down_bias;
+  const void* up_values; const void* up_col; SegRows up_rows; const void* up_bias;
   int64_t r;
   double scale;
+  bool col16;
 };
 
 // out[row] += scale_s * (up_s(act(down_s(x[row]) + bd_s)) + bu_s) for the rows of every segment s; `out`
@@ -134,7 +142,6 @@ struct SegAdapter {
 // most one tile of tokens) of segment item_seg[i]; rows[p] is the x / out row of position p (all distinct).
 struct SegFwdArgs {
   DType dtype;
-  bool col16;
   int64_t d, d_out, max_r;
   const void* x; int64_t ldx;
   void* out; int64_t ldo;

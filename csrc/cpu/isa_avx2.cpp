@@ -201,8 +201,8 @@ void fused_bwd(const FusedBwdArgs& a) {
   else Entry<V>::fused_bwd<float>(a);
 }
 void seg_fwd(const SegFwdArgs& a) {
-  if (a.dtype == DType::bf16) Seg<V>::dispatch_index<bf16_t>(a);
-  else Seg<V>::dispatch_index<float>(a);
+  if (a.dtype == DType::bf16) Seg<V>::run<bf16_t>(a);
+  else Seg<V>::run<float>(a);
 }
 
 }  // namespace avx2

@@ -172,9 +172,9 @@ void fused_bwd(const FusedBwdArgs& a) {
   else Entry<V>::fused_bwd<float>(a);
 }
 void seg_fwd(const SegFwdArgs& a) {
-  if (a.dtype == DType::f64) Seg<VD>::dispatch_index<double>(a);
-  else if (a.dtype == DType::bf16) Seg<V>::dispatch_index<bf16_t>(a);
-  else Seg<V>::dispatch_index<float>(a);
+  if (a.dtype == DType::f64) Seg<VD>::run<double>(a);
+  else if (a.dtype == DType::bf16) Seg<V>::run<bf16_t>(a);
+  else Seg<V>::run<float>(a);
 }
 
 }  // namespace generic

@@ -28,11 +28,12 @@ void check_long_vector(const char* name, const Tensor& t) {
               name, ": expected a contiguous 1-D int64 tensor, got ", t.scalar_type(), " of shape ", shape_str(t));
 }
 
-// The column indices of every adapter: int32 or int16 (all the same), 1-D, contiguous, `nnz` entries.
+// The column indices of one projection: int32 or int16 (both projections of an adapter alike), 1-D, contiguous,
+// `nnz` entries.
 void check_cols(const char* name, const Tensor& col, int64_t nnz, int64_t s, at::ScalarType want) {
   check_cpu(OP, name, col);
   TORCH_CHECK(col.scalar_type() == want, "sparseadapter_kernels::", OP, ": ", name, "[", s, "]: expected dtype ", want,
-              " (int32 or int16, the same for every adapter), got ", col.scalar_type());
+              " (int32 or int16, both projections of an adapter alike), got ", col.scalar_type());
   TORCH_CHECK(col.dim() == 1 && col.is_contiguous() && col.numel() == nnz, "sparseadapter_kernels::", OP, ": ", name,
               "[", s, "]: expected a contiguous 1-D tensor of ", nnz, " entries (one per value), got shape ",
               shape_str(col));
@@ -47,7 +48,22 @@ void check_projection(const char* which, const Tensor& x, const Tensor& values, 
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "sparseadapter_kernels::", OP, ": ", v,
               ": expected contiguous 1-D CSR values [nnz], got shape ", shape_str(values));
   const std::string c = std::string(which) + "_crow_indices[" + std::to_string(s) + "]";
-  check_crow(OP, c.c_str(), crow, rows, rows_what, values.numel(), "the number of values");
+  if (crow.scalar_type() == at::kShort) {  // row lengths: compact storage
+    check_cpu(OP, c.c_str(), crow);
+    TORCH_CHECK(crow.dim() == 1 && crow.is_contiguous() && crow.numel() == rows, "sparseadapter_kernels::", OP, ": ",
+                c, ": expected int16 row lengths of shape [", rows, "] (", rows_what, "), got shape ", shape_str(crow));
+    const int16_t* len = crow.data_ptr<int16_t>();
+    int64_t total = 0;
+    for (int64_t m = 0; m < rows; m++) {
+      TORCH_CHECK(len[m] >= 0, "sparseadapter_kernels::", OP, ": ", c, ": expected row lengths >= 0, got ", len[m],
+                  " for row ", m);
+      total += len[m];
+    }
+    TORCH_CHECK(total == values.numel(), "sparseadapter_kernels::", OP, ": ", c, ": expected row lengths summing to ",
+                values.numel(), " (the number of values), got ", total);
+  } else {
+    check_crow(OP, c.c_str(), crow, rows, rows_what, values.numel(), "the number of values");
+  }
   check_cols((std::string(which) + "_col_indices").c_str(), col, values.numel(), s, col_dtype);
   if (bias.numel()) {  // an empty tensor: no bias
     const std::string b = std::string(which) + "_bias[" + std::to_string(s) + "]";
@@ -57,6 +73,13 @@ void check_projection(const char* which, const Tensor& x, const Tensor& values, 
 }
 
 const void* bias_ptr(const Tensor& bias) { return bias.numel() ? bias.data_ptr() : nullptr; }
+
+SegRows rows_of(const Tensor& crow) {
+  SegRows r;
+  if (crow.scalar_type() == at::kShort) r.len = crow.data_ptr<int16_t>();
+  else r.ptr = crow.data_ptr<int32_t>();
+  return r;
+}
 
 Tensor segmented_adapter(const Tensor& x, const std::optional<Tensor>& residual, const Tensor& rows,
                          const Tensor& seg_ptr, at::TensorList down_values, at::TensorList down_crow,
@@ -108,27 +131,29 @@ Tensor segmented_adapter(const Tensor& x, const std::optional<Tensor>& residual,
                 "), got ", l.second);
   if (M == 0 || S == 0) return out;
   // adapters
-  const at::ScalarType col_dtype = down_col[0].scalar_type();
-  TORCH_CHECK(col_dtype == at::kInt || col_dtype == at::kShort, "sparseadapter_kernels::", OP,
-              ": down_col_indices[0]: expected dtype int32 or int16, got ", col_dtype);
-  TORCH_CHECK(col_dtype == at::kInt || d <= 32767, "sparseadapter_kernels::", OP,
-              ": int16 column indices address at most 32767 features; x has d = ", d);
   std::vector<SegAdapter> adapters(S);
   int64_t max_r = 1, work = 0;
   for (int64_t s = 0; s < S; s++) {
-    const int64_t r = down_crow[s].numel() - 1;
-    TORCH_CHECK(r >= 1, "sparseadapter_kernels::", OP, ": down_crow_indices[", s, "]: expected [r + 1] entries with r >= 1",
-                ", got ", down_crow[s].numel());
+    const at::ScalarType col_dtype = down_col[s].scalar_type();
+    TORCH_CHECK(col_dtype == at::kInt || col_dtype == at::kShort, "sparseadapter_kernels::", OP, ": down_col_indices[",
+                s, "]: expected dtype int32 or int16, got ", col_dtype);
+    TORCH_CHECK(col_dtype == at::kInt || d <= 32767, "sparseadapter_kernels::", OP,
+                ": int16 column indices address at most 32767 features; x has d = ", d);
+    const bool lengths = down_crow[s].scalar_type() == at::kShort;
+    const int64_t r = down_crow[s].numel() - (lengths ? 0 : 1);
+    TORCH_CHECK(r >= 1, "sparseadapter_kernels::", OP, ": down_crow_indices[", s, "]: expected the rows of r >= 1 ",
+                "(int32 pointers [r + 1] or int16 lengths [r]), got ", down_crow[s].numel(), " entries");
     check_projection("down", x, down_values[s], down_crow[s], down_col[s], down_bias[s], r, "the adapter's r", s,
                      col_dtype);
     check_projection("up", x, up_values[s], up_crow[s], up_col[s], up_bias[s], d_out, "d_out", s, col_dtype);
     SegAdapter& a = adapters[s];
     a.down_values = down_values[s].data_ptr(); a.down_col = down_col[s].data_ptr();
-    a.down_crow = down_crow[s].data_ptr<int32_t>(); a.down_bias = bias_ptr(down_bias[s]);
+    a.down_rows = rows_of(down_crow[s]); a.down_bias = bias_ptr(down_bias[s]);
     a.up_values = up_values[s].data_ptr(); a.up_col = up_col[s].data_ptr();
-    a.up_crow = up_crow[s].data_ptr<int32_t>(); a.up_bias = bias_ptr(up_bias[s]);
+    a.up_rows = rows_of(up_crow[s]); a.up_bias = bias_ptr(up_bias[s]);
     a.r = r;
     a.scale = scales[s];
+    a.col16 = col_dtype == at::kShort;
     max_r = std::max(max_r, r);
     work += work_of(sp[s + 1] - sp[s], down_values[s].numel() + up_values[s].numel(), d + d_out);
   }
@@ -145,7 +170,6 @@ Tensor segmented_adapter(const Tensor& x, const std::optional<Tensor>& residual,
     }
   SegFwdArgs a;
   a.dtype = dt;
-  a.col16 = col_dtype == at::kShort;
   a.d = d; a.d_out = d_out; a.max_r = max_r;
   a.x = x.data_ptr(); a.ldx = ld_of(x);
   a.out = out.data_ptr(); a.ldo = d_out;

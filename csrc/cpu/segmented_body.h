@@ -10,7 +10,8 @@
 //   * up: for each output feature i, o[i][0:T] = sum_e u[e] * h[col[e]][0:T];
 //   * out[row][i] += scale * (o[i][t] + bias[i]), transposed back in registers, rounded once to the storage
 //     dtype.
-// The adapters' values are read as stored (bf16 converted on load), columns as int32 or int16: no
+// The adapters' values are read as stored (bf16 converted on load), columns as int32 or int16, rows as int32
+// pointers or int16 lengths (the compact storage of many resident adapters): no
 // prepared copy exists, so nothing can be stale and memory is the stored bytes only. Every column index
 // is range-checked as it is used (one compare); an index out of range skips that entry and raises the
 // op's error afterwards, so a corrupted structure never reads outside its tile.
@@ -89,14 +90,16 @@ struct Seg {
   // dst[m][0:U*W] = sum over the entries e of row m of val[e] * src[col[e]][0:U*W] (+ bias[m]), col < n_src.
   // Two entries at a time into separate accumulators (2U independent FMA chains).
   template <int U, class S, class I>
-  static inline void rows_times_tile(const int32_t* crow, const I* col, const S* val, const S* bias, int64_t n_rows,
+  static inline void rows_times_tile(SegRows rp, const I* col, const S* val, const S* bias, int64_t n_rows,
                                      const A* src, int64_t n_src, A* dst, int& bad) {
     constexpr int T = U * W;
+    int64_t next = 0;  // with row lengths: where the next row starts
     for (int64_t m = 0; m < n_rows; m++) {
       reg a[U], b[U];
       for (int u = 0; u < U; u++) a[u] = b[u] = V::zero();
-      int64_t e = crow[m];
-      const int64_t end = crow[m + 1];
+      int64_t e = rp.ptr ? rp.ptr[m] : next;
+      const int64_t end = rp.ptr ? rp.ptr[m + 1] : next + rp.len[m];
+      next = end;
       for (; e + 1 < end; e += 2) {
         const uint64_t c0 = uint64_t(int64_t(col[e])), c1 = uint64_t(int64_t(col[e + 1]));
         if (c0 >= uint64_t(n_src) || c1 >= uint64_t(n_src)) {
@@ -138,16 +141,22 @@ struct Seg {
       orow[t] = static_cast<S*>(a.out) + a.rows[p0 + t] * a.ldo;
     }
     gather_tile<U, S>(xr, n, a.d, xT);
-    rows_times_tile<U, S, I>(ad.down_crow, static_cast<const I*>(ad.down_col), static_cast<const S*>(ad.down_values),
+    rows_times_tile<U, S, I>(ad.down_rows, static_cast<const I*>(ad.down_col), static_cast<const S*>(ad.down_values),
                              static_cast<const S*>(ad.down_bias), ad.r, xT, a.d, hT, bad);
     if (a.act != Act::identity)
       for (int64_t i = 0; i < ad.r * T; i++) hT[i] = act1(hT[i], a.act);
-    rows_times_tile<U, S, I>(ad.up_crow, static_cast<const I*>(ad.up_col), static_cast<const S*>(ad.up_values),
+    rows_times_tile<U, S, I>(ad.up_rows, static_cast<const I*>(ad.up_col), static_cast<const S*>(ad.up_values),
                              nullptr, a.d_out, hT, ad.r, oT, bad);
     scatter_tile<U, S>(oT, a.d_out, static_cast<const S*>(ad.up_bias), A(ad.scale), orow, n);
   }
 
-  template <class S, class I>
+  template <int U, class S>
+  static void item_any(const SegFwdArgs& a, int64_t it, A* xT, A* hT, A* oT, int& bad) {
+    if (a.adapters[a.item_seg[it]].col16) item<U, S, int16_t>(a, it, xT, hT, oT, bad);
+    else item<U, S, int32_t>(a, it, xT, hT, oT, bad);
+  }
+
+  template <class S>
   static void run(const SegFwdArgs& a) {
     const size_t need = size_t(a.d + a.max_r + a.d_out) * 2 * W * sizeof(A);  // tiles of up to 2W tokens
     int bad = 0;
@@ -160,16 +169,11 @@ struct Seg {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < a.n_items; it++) {
         if (!xT) bad |= 2;
-        else if (a.item_len[it] <= W) item<1, S, I>(a, it, xT, hT, oT, bad);  // decode-sized: one vector of tokens
-        else item<2, S, I>(a, it, xT, hT, oT, bad);
+        else if (a.item_len[it] <= W) item_any<1, S>(a, it, xT, hT, oT, bad);  // decode-sized: one vector of tokens
+        else item_any<2, S>(a, it, xT, hT, oT, bad);
       }
     }
     *a.bad_index = bad;
   }
 
-  template <class S>
-  static void dispatch_index(const SegFwdArgs& a) {
-    if (a.col16) run<S, int16_t>(a);
-    else run<S, int32_t>(a);
-  }
 };

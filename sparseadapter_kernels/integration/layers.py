@@ -97,10 +97,15 @@ class _Site:
             if not st.configs and not st.active:
                 return list(slots.values()), None
             return [slots[n] for n in st.active if n in slots and n not in st.merged], None
-        groups = []
+        groups, pool = [], st.pool
         for name, rows in call.groups(t.shape[0], t.device, type(self.base).__name__):
-            if name in slots and name not in st.merged:
-                groups.append(([slots[name]], rows))
+            if name in slots:
+                if name not in st.merged:
+                    groups.append(([slots[name]], rows))
+            elif pool is not None:  # an AdapterPool's adapter (segments.Parts, or a head copy)
+                part = pool.part(self, name)
+                if part is not None:
+                    groups.append(([part], rows))
         return None, groups
 
     def _replace_rows(self, t: torch.Tensor, fn, adapter_input=None) -> torch.Tensor:

@@ -75,6 +75,7 @@ class AdapterState:
         self.merged: List[str] = []
         self.requires_grad: Optional[Dict[str, bool]] = None  # the base model's flags before the first insert
         self.save_adapters_only = False  # save_pretrained writes the adapter files alone (SparseAdapterCallback)
+        self.pool = None  # an AdapterPool (integration.pool): more adapters that mixed batches may name
         # Set by the first per-call setting (never unset): until then no context lookup at all, so torch.compile
         # traces the model as one graph (dynamo cannot trace ContextVar.get and would break the graph per site).
         self.per_call_used = False
@@ -124,7 +125,8 @@ class AdapterState:
         names = tuple(names)
         if not names:
             raise ValueError("adapter_names: expected one adapter name per example, got an empty list")
-        self.check_known(names, "adapter_names", allow_base=True)
+        pooled = self.pool if self.pool is not None else ()
+        self.check_known([n for n in names if n not in pooled], "adapter_names", allow_base=True)
         if self.merged:
             raise RuntimeError(f"adapter_names: adapters {self.merged} are merged into the base weights, so "
                                "every example would get them; unmerge them first (sak.unmerge_adapter)")
