@@ -19,6 +19,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    os.environ.setdefault("SAK_TUNE_HINT", "0")  # auto's once-per-process tuning hint (test_tuning.py checks it)
 
 
 @pytest.fixture(autouse=True)

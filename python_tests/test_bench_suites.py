@@ -18,7 +18,7 @@ from sparseadapter_kernels.bench import case as bench_case
 from sparseadapter_kernels.bench import harness, report
 from sparseadapter_kernels.bench.impls import build_impls, discover_backends
 from sparseadapter_kernels.bench.shapes import SweepConfig
-from sparseadapter_kernels.bench.suites import crossover, gpu_common, legacy, readme
+from sparseadapter_kernels.bench.suites import crossover, gpu_common, legacy, readme, tune
 from sparseadapter_kernels.bench.timing import Timing, measure_many, paired_ratio
 
 from test_bench_harness import _one_thread  # noqa: F401,E402  (autouse: one thread, as the harness tests)
@@ -67,9 +67,9 @@ def test_tune_stores_tables_in_the_tuning_cache(tmp_path, monkeypatch):
     tuning._LOADED.clear()
     rows = _rows({(n, d): 2.0 if d <= 0.2 else 0.5 for n in tuning.TOKEN_BUCKETS for d in tuning.DENSITIES},
                  suite="tune")
-    out = crossover.store_tuning(rows, store=False)
+    out = tune.store_tuning(rows, store=False)
     assert out["path"] is None and not (tmp_path / "tuning.json").exists()
-    out = crossover.store_tuning(rows)
+    out = tune.store_tuning(rows)
     assert out["path"] == str(tmp_path / "tuning.json")
     assert tuning.tuned_table("cpu", torch.float32, "csr", "linear", "cpu") == tuple((n, 0.2) for n in tuning.TOKEN_BUCKETS)
     tuning._LOADED.clear()

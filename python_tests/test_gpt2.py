@@ -12,6 +12,8 @@ import sparseadapter_kernels as sak
 from sparseadapter_kernels import integration
 from sparseadapter_kernels.integration import SparseAdapterConfig, add_sparse_adapters
 
+from test_adapters_workflow import randomize
+
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -31,15 +33,6 @@ def inputs(seed=1, bsz=4, seq=8):
     mask = torch.ones_like(ids)
     mask[0, :seq // 2] = 0  # left padding
     return dict(input_ids=ids, attention_mask=mask)
-
-
-def randomize(model, name=None, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for lin in integration._adapter_sparse_linears(model, name).values():
-            lin.values.copy_(torch.randn(lin.values.shape, generator=g) * scale)
-            if lin.bias is not None:
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * scale)
 
 
 def cfg(preset, **kw):
@@ -126,9 +119,8 @@ def test_lora_on_conv1d_matches_dense_reference_and_peft(tmp_path):
     assert (got - logits(base, b)).abs().max() > 1e-3
     torch.testing.assert_close(got, logits(ref, b), atol=1e-5, rtol=1e-5)
     peft = pytest.importorskip("peft")
-    sak.export_peft_lora(model, str(tmp_path))
-    with pytest.warns(UserWarning, match="fan_in_fan_out"):  # PEFT sets it itself for Conv1D targets
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert sak.export_peft_lora(model, str(tmp_path))["fan_in_fan_out"] is True  # PEFT's setting for Conv1D
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     torch.testing.assert_close(got, logits(theirs, b), atol=1e-5, rtol=1e-5)
 
 

@@ -5,11 +5,16 @@ Decision tables (:mod:`sparseadapter_kernels.tuning`): this machine's own measur
 was taken on; the conservative prior elsewhere. Above a table's density limit ``auto`` runs dense math
 (``"dense"``: one dense matmul on the masked weight, the dense weight kept while the values are
 unchanged and need no gradient).
+
+On a CPU that runs on the prior, the first sparse weight ``auto`` meets at a density a tune could choose the
+kernel for prints one hint per process (:class:`TuningHint`) naming ``sparseadapter-bench --tune``;
+``SAK_TUNE_HINT=0`` silences it.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -86,6 +91,50 @@ def decision(device_type: str, dtype: torch.dtype, layout: str, op: str, backend
                      env.get(tuning.CACHE_ENV), tuning.generation())
 
 
+class TuningHint(UserWarning):
+    """``backend="auto"`` decides from the conservative prior: this CPU has no tuned table."""
+
+
+HINT_ENV = "SAK_TUNE_HINT"  # "0": no hint
+_HINT_SEEN: set = set()  # (dtype, layout, op) looked at; None in it once the hint was shown
+
+
+@torch._dynamo.assume_constant_result
+def _hint_untuned(dtype: torch.dtype, layout: str, op: str, density: float, n_tokens: int) -> bool:
+    """Warn once per process when ``auto`` meets a sparse weight on a CPU without a tuned (or committed) table at
+    a density a tune could choose the kernel for (at most ``max(tuning.DENSITIES)``). A constant for dynamo."""
+    key = (dtype, layout, op)
+    if None in _HINT_SEEN or key in _HINT_SEEN or not 0 < density <= max(tuning.DENSITIES):
+        return False
+    _HINT_SEEN.add(key)
+    if os.environ.get(HINT_ENV, "1").strip() == "0" or not backend_usable("cpu"):
+        return False
+    source, table = decision("cpu", dtype, layout, op, "cpu")
+    if source != "prior":
+        return False
+    _HINT_SEEN.add(None)
+    runs = "the cpu kernel" if density <= tuning.density_limit(table, n_tokens) else "dense math"
+    warnings.warn(
+        f"sparseadapter_kernels: backend='auto' runs {runs} for this {tuning.dtype_name(dtype)} {layout} weight at "
+        f"density {density:.2f} (sparsity {1 - density:.2f}) from its conservative prior: this CPU was never "
+        "tuned, and the prior runs the kernels only at sparsity >= 0.9 with >= 256 tokens. Run "
+        "`sparseadapter-bench --tune` once (a few minutes, on a quiet machine) to measure where the "
+        f"kernels win here (docs/auto.md). Shown once per process; {HINT_ENV}=0 silences it.",
+        TuningHint, stacklevel=_caller_level())
+    return True
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch (the user's call)."""
+    import sys
+
+    own = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2  # (1: the function that warns)
+    while frame is not None and frame.f_code.co_filename.startswith(own):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @torch._dynamo.assume_constant_result
 def _density_limit(device_type: str, dtype: torch.dtype, layout: str, op: str, backend: str, n_tokens: int) -> float:
     return tuning.density_limit(decision(device_type, dtype, layout, op, backend)[1], n_tokens)
@@ -96,6 +145,8 @@ def choose_backend(x: torch.Tensor, w, op: str) -> str:
     or ``"dense"`` (dense math, :func:`reference.sparse_linear` with the cached dense weight). Under
     torch.compile the choice is made at trace time (a constant of the graph)."""
     n_tokens = int(x.numel() // max(1, x.shape[-1]))
+    if x.device.type == "cpu":
+        _hint_untuned(x.dtype, w.layout, op, w.density, n_tokens)
     for backend in _PREFERENCE.get(x.device.type, ()):
         if not backend_usable(backend):
             continue

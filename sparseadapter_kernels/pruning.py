@@ -47,8 +47,11 @@ INPUT_METHODS = LOSS_METHODS + ("synflow",)  # need a batch (SynFlow: the input 
 
 
 def canonical_method(method) -> str:
-    """The pruning method's canonical name (aliases resolved); a ValueError names the choices."""
-    method = ALIASES.get(method, method) if isinstance(method, str) else method
+    """The pruning method's canonical name (any case, aliases resolved: ``"SNIP"`` is ``"snip"``); a ValueError
+    names the choices."""
+    if isinstance(method, str):
+        key = method.strip().lower()
+        method = ALIASES.get(key, key) if ALIASES.get(key, key) in METHODS else method
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return method

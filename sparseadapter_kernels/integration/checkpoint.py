@@ -153,15 +153,15 @@ def _save_one(model: nn.Module, path: str, name: str) -> Dict[str, Any]:
     return stats
 
 
-def _make_directory(path: str) -> None:
+def _make_directory(path: str, what: str = "save_adapters") -> None:
     """``os.makedirs(path)``, with an error that says what ``path`` should be."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"save_adapters: path {path!r} is a file; expected a directory to write "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME} into")
+        files = f"{CONFIG_NAME} and {WEIGHTS_NAME}" if what == "save_adapters" else "the adapter files"
+        raise NotADirectoryError(f"{what}: path {path!r} is a file; expected a directory to write {files} into")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"save_adapters: cannot create the directory {path!r} ({exc.strerror or exc})") from None
+        raise OSError(f"{what}: cannot create the directory {path!r} ({exc.strerror or exc})") from None
 
 
 def save_adapters(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> Dict[str, Any]:

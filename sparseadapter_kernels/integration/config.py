@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -29,6 +31,14 @@ _BOTTLENECK_FIELDS = ("bottleneck", "reduction_factor", "activation", "scaling",
 _LORA_FIELDS = ("r", "alpha", "dropout")
 # PEFT / AdapterHub spellings accepted by the constructor (and from_dict): alias -> field
 ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "non_linearity": "activation"}
+# common spellings of other libraries (PEFT, AdapterHub) that are not ours: unknown -> (our field, why)
+MISSPELLINGS = {"rank": ("r", "the LoRA rank, PEFT's name"), "lora_r": ("r", "the LoRA rank"),
+                "lora_rank": ("r", "the LoRA rank"), "target_module": ("target_modules", "a list or a regex"),
+                "reduction": ("reduction_factor", "AdapterHub's name: bottleneck = hidden size / factor"),
+                "bottleneck_size": ("bottleneck", "the adapter width"), "adapter_size": ("bottleneck", "the width"),
+                "module_to_save": ("modules_to_save", "a list"), "density": ("sparsity", "the fraction REMOVED, "
+                                                                              "1 - density"),
+                "pruning_method": ("method", "rand | magnitude | snip | grasp | synflow")}
 _PREFIX_FIELDS = ("prefix_length", "prefix_mlp_hidden")
 _POSITIVE_INT_FIELDS = ("bottleneck", "r", "prefix_mlp_hidden")
 
@@ -243,8 +253,39 @@ class SparseAdapterConfig:
         meta = {"peft_type", "base_model", "adapter_modules", "format", "resolved", "stats", "adapter_name"}
         unknown = sorted(set(d) - fields - meta)
         if unknown:
-            raise ValueError(f"from_dict: unknown SparseAdapterConfig field(s) {unknown}; known: {sorted(fields)}")
+            raise ValueError(f"from_dict: {unknown_fields_message(unknown, fields)}")
         kw = {k: v for k, v in d.items() if k in fields}
         if isinstance(kw.get("block_size"), list):
             kw["block_size"] = tuple(kw["block_size"])
         return cls(**kw)
+
+
+def unknown_fields_message(unknown, known) -> str:
+    """``unknown SparseAdapterConfig field(s) ...`` with a suggestion for each (PEFT / AdapterHub spellings,
+    else the closest known name), then the known names."""
+    hints = []
+    for k in unknown:
+        if k in MISSPELLINGS:
+            field, why = MISSPELLINGS[k]
+            hints.append(f"{k!r}: did you mean {field}=? {why}")
+            continue
+        close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{k!r}: did you mean {close[0]}=?")
+    return (f"unknown SparseAdapterConfig field(s) {list(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; known: {sorted(k for k in known if not k.startswith('_'))}")
+
+
+_dataclass_init = SparseAdapterConfig.__init__
+_INIT_NAMES = frozenset(f.name for f in dataclasses.fields(SparseAdapterConfig)) | frozenset(ALIASES)
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, **kwargs):
+    unknown = [k for k in kwargs if k not in _INIT_NAMES]
+    if unknown:  # (the dataclass's own error would be a bare "unexpected keyword argument")
+        raise TypeError(unknown_fields_message(unknown, _INIT_NAMES))
+    _dataclass_init(self, *args, **kwargs)
+
+
+SparseAdapterConfig.__init__ = _init

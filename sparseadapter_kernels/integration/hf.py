@@ -12,9 +12,12 @@ from .checkpoint import _state, load_adapters, save_adapters
 from .config import SparseAdapterConfig
 from .files import CONFIG_NAME, LEGACY_CONFIG_NAME
 from .generation import expand_inputs_for_generation, generate
-from .inject import _state_or_raise, add_sparse_adapters
-from .manage import (active_adapters, delete_adapter, disable_adapters, enable_adapters, set_adapter)
+from .inject import _state_or_raise, adapter_stats, add_sparse_adapters, print_trainable_parameters, site_entries
+from .manage import (active_adapters, delete_adapter, disable_adapter, disable_adapters, enable_adapters,
+                     merge_adapter, merge_and_unload, set_adapter, unload, unmerge_adapter)
+from .methods import PEFT_METHODS
 from .state import DEFAULT_ADAPTER, MODEL_METHODS, check_adapter_name
+from .weighted import add_weighted_adapter
 
 
 def _unwrap(model):
@@ -112,8 +115,9 @@ class SparseAdapterCallback:
     Writes the adapters (:func:`save_adapters`) into every checkpoint directory (``checkpoint-<step>``), also
     for models whose own save does not (a model that is not a ``PreTrainedModel``). ``adapters_only=True``:
     the checkpoints hold the adapter files (and the optimizer / scheduler / trainer state) but no full model,
-    a fraction of the size; reload them with :func:`load_adapters` (``resume_from_checkpoint`` needs the
-    full checkpoints).
+    a fraction of the size; reload them with :func:`load_adapters`, and resume from them with
+    ``SparseAdapterTrainer`` (or :class:`~.resume.SparseAdapterTrainerMixin` on another Trainer class): a plain
+    ``transformers.Trainer`` finds no model weights there ("Can't find a valid checkpoint").
     """
 
     def __init__(self, adapters_only: bool = False):
@@ -172,3 +176,42 @@ MODEL_METHODS.update(
     get_adapter_state_dict=_hf_get_adapter_state_dict, save_pretrained=save_pretrained)
 # generate(..., adapter_names=[...]): one adapter per request (integration.generation); only models that generate
 MODEL_METHODS.update(generate=generate, _expand_inputs_for_generation=expand_inputs_for_generation)
+
+
+# --- PEFT's methods on the model (integration.methods): installed where the model's class has none -----------
+def _peft_merge_adapter(model, adapter_names=None, safe_merge: bool = False):
+    """PEFT's ``merge_adapter(adapter_names=None, safe_merge=False)``; ``safe_merge``: non-finite merged weights
+    are unmerged again and raise ``ValueError``."""
+    done = merge_adapter(model, adapter_names)
+    if safe_merge and done:
+        bad = [logical for logical, _, site in site_entries(model) if any(n in site.adapter_slots() for n in done)
+               and not bool(torch.isfinite(site.base.weight).all())]
+        if bad:
+            unmerge_adapter(model, done)
+            raise ValueError(f"merge_adapter: NaN or Inf in the merged weights of {bad[:3]}; adapters {done} seem "
+                             "broken (unmerged again)")
+    return done
+
+
+def _peft_merge_and_unload(model, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+    """PEFT's ``merge_and_unload(progressbar=False, safe_merge=False, adapter_names=None)``."""
+    if safe_merge:
+        _peft_merge_adapter(model, adapter_names, safe_merge=True)
+        unmerge_adapter(model)
+    return merge_and_unload(model, adapter_names)
+
+
+def _nb_trainable_parameters(model):
+    """PEFT's ``get_nb_trainable_parameters()``: ``(trainable params, all params)`` (kept adapter weights only)."""
+    s = adapter_stats(model)
+    return s["trainable_params"], s["all_params"]
+
+
+PEFT_METHODS.update(
+    print_trainable_parameters=print_trainable_parameters, get_nb_trainable_parameters=_nb_trainable_parameters,
+    merge_adapter=_peft_merge_adapter, unmerge_adapter=unmerge_adapter, merge_and_unload=_peft_merge_and_unload,
+    unload=unload, disable_adapter=disable_adapter, add_weighted_adapter=add_weighted_adapter,
+    disable_adapter_layers=disable_adapters, enable_adapter_layers=enable_adapters,
+    # transformers' names too, for a model that is not a PreTrainedModel (there MODEL_METHODS replaces them)
+    set_adapter=set_adapter, delete_adapter=delete_adapter, active_adapters=active_adapters,
+    disable_adapters=disable_adapters, enable_adapters=enable_adapters)

@@ -17,6 +17,7 @@ from ..modules import (BottleneckAdapter, HoulsbyAdapter, LoRA, ParallelAdapter,
 from .config import DATA_METHODS, SparseAdapterConfig
 from .heads import add_heads, head_parts, plan_heads, sync_head_grads
 from .layers import SITE_CLASS, SITES, LoRAFactors, LoRALayer, PrefixSelfAttention, site_kind
+from .methods import install_peft_methods
 from .projections import linear_features
 from .sites import (_dtype_device, _hidden_size, _plan, _set_submodule, _site_width, base_modules, check_adapter_size,
                     unwrap)
@@ -158,6 +159,7 @@ def _insert(model: nn.Module, config: SparseAdapterConfig, name: str = DEFAULT_A
         model.__dict__[STATE_ATTR] = state
         install_forward_hooks(model)
         install_model_methods(model)
+        install_peft_methods(model)  # PEFT's names the class lacks (print_trainable_parameters, ...)
         model.requires_grad_(False)
     state.configs[name] = config
     if not state.active:

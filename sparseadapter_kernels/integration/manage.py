@@ -3,6 +3,7 @@ merge LoRA into the base weights, and unload (the base model back, bit-exact).""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import List, Optional, Sequence, Union
 
 import torch.nn as nn
@@ -10,6 +11,7 @@ import torch.nn as nn
 from .heads import head_choices, remove_heads, sync_head_grads
 from .inject import _state_or_raise, adapter_parts, adapter_state, prefix_attr, site_entries
 from .layers import PrefixSelfAttention, site_kind
+from .methods import remove_peft_methods
 from .sites import _set_submodule, unwrap
 from .state import STATE_ATTR, AdapterState, check_adapter_name, remove_forward_hooks, remove_model_methods
 
@@ -45,9 +47,18 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> No
     of the next. Parallel adapters and LoRA have no order: their outputs are added (``base(x) + sum_a A_a(x)``,
     PEFT's meaning of several active LoRA adapters). A site without some of them runs the others. A task head
     (``modules_to_save``) runs, and trains, the copy of the last of them holding one (see :mod:`.heads`).
+
+    While adapters are merged, PEFT's rule: a warning naming them, then the model is unmerged (the base weights
+    back bit-exact) before the new adapters are set; they run as separate ops again.
     """
     state = _state_or_raise(model, "set_adapter")
     names = _names(state, adapter_name, "set_adapter")
+    _unmerge_first(model, state, "set_adapter", "Adapter cannot be set when the model is merged")
+    _activate(model, state, names)
+
+
+def _activate(model: nn.Module, state: AdapterState, names: List[str]) -> None:
+    """``names`` active and trainable, every other adapter frozen (the task heads follow)."""
     state.active = names
     for n in state.names():
         for part in adapter_parts(model, n).values():
@@ -55,18 +66,22 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) -> No
     sync_head_grads(model, state)
 
 
-def _refuse_if_merged(state: AdapterState, what: str) -> None:
+def _unmerge_first(model: nn.Module, state: AdapterState, what: str, why: str) -> None:
+    """PEFT's behaviour while adapters are merged: a warning naming them, then the model is unmerged."""
     if state.merged:
-        raise RuntimeError(f"{what}: adapters {state.merged} are merged into the base weights; unmerge them first "
-                           "(sparseadapter_kernels.unmerge_adapter)")
+        warnings.warn(f"{what}: adapters {state.merged} are merged into the base weights. {why}. Unmerging the "
+                      "model first (as PEFT does); merge_adapter again afterwards if wanted.", UserWarning,
+                      stacklevel=3)
+        unmerge_adapter(model)
 
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """``with disable_adapter(model):`` runs the base model alone (PEFT's context manager). Only the forwards of
-    this thread (this context) inside the block: other threads sharing the model keep their adapters."""
+    this thread (this context) inside the block: other threads sharing the model keep their adapters.
+    Merged adapters are unmerged first, with a warning (they stay unmerged after the block, as in PEFT)."""
     state = _state_or_raise(model, "disable_adapter")
-    _refuse_if_merged(state, "disable_adapter")
+    _unmerge_first(model, state, "disable_adapter", "The base model alone needs the base weights")
     call = state.push(disabled=True)
     try:
         yield model
@@ -76,13 +91,15 @@ def disable_adapter(model: nn.Module):
 
 def disable_adapters(model: nn.Module) -> None:
     """Run the base model alone until :func:`enable_adapters` (transformers' ``disable_adapters``); for every
-    thread, unlike the ``disable_adapter()`` context manager."""
+    thread, unlike the ``disable_adapter()`` context manager. Merged adapters are unmerged first, with a warning
+    (PEFT's behaviour); :func:`enable_adapters` runs them unmerged."""
     state = _state_or_raise(model, "disable_adapters")
-    _refuse_if_merged(state, "disable_adapters")
+    _unmerge_first(model, state, "disable_adapters", "The base model alone needs the base weights")
     state.disabled = True
 
 
 def enable_adapters(model: nn.Module) -> None:
+    """Undo :func:`disable_adapters`: the active adapters run again (merged ones stay merged, as in PEFT)."""
     _state_or_raise(model, "enable_adapters").disabled = False
 
 
@@ -130,7 +147,7 @@ def delete_adapter(model: nn.Module, adapter_name: Union[str, Sequence[str]]) ->
     active = [n for n in state.active if n not in names]
     state.active = active or state.names()[:1]
     if not active:  # the first adapter left takes over: it trains (PEFT's delete_adapter)
-        set_adapter(model, state.active)
+        _activate(model, state, state.active)
     sync_head_grads(model, state)  # a stack may now run another adapter's copy of a head
     model._sparse_adapter_config = state.configs[state.names()[0]]
 
@@ -144,13 +161,18 @@ def _check_mergeable(state: AdapterState, names: List[str], what: str) -> None:
                              "weight reproduces it (only LoRA adapters, W0 + (alpha/r) B A, merge)")
 
 
-def merge_adapter(model: nn.Module, adapter_names: Optional[Union[str, Sequence[str]]] = None) -> List[str]:
+def merge_adapter(model: nn.Module, adapter_names: Optional[Union[str, Sequence[str]]] = None,
+                  _even_if_disabled: bool = False) -> List[str]:
     """Fold LoRA adapters (default: the active ones) into the base weights: ``W0 += (alpha/r) B A`` on the
     entries the kept A and B reach (a scatter-add; the original entries are kept, so :func:`unmerge_adapter`
-    restores the base bit-exact). Merged adapters no longer run as separate ops. Returns the merged names."""
+    restores the base bit-exact). Merged adapters no longer run as separate ops. Returns the merged names. Refused
+    while the adapters are disabled (the merged weights would run where the base model alone should)."""
     state = _state_or_raise(model, "merge_adapter")
     names = _names(state, state.active if adapter_names is None else adapter_names, "merge_adapter")
     _check_mergeable(state, names, "merge_adapter")
+    if state.is_disabled() and not _even_if_disabled:
+        raise RuntimeError("merge_adapter: the adapters are disabled (disable_adapters / disable_adapter()), and a "
+                           "merged adapter would run inside the base weights; enable_adapters first")
     done = []
     for name in names:
         if name in state.merged:
@@ -174,7 +196,7 @@ def unmerge_adapter(model: nn.Module, adapter_names: Optional[Union[str, Sequenc
                 site.unmerge_adapter(name)
     state.merged = []
     if keep:
-        merge_adapter(model, keep)
+        merge_adapter(model, keep, _even_if_disabled=True)  # (what was merged before: no check)
 
 
 def unload(model: nn.Module, _keep_merged: bool = False, _heads=None) -> nn.Module:
@@ -194,6 +216,7 @@ def unload(model: nn.Module, _keep_merged: bool = False, _heads=None) -> nn.Modu
         p.requires_grad_((state.requires_grad or {}).get(n, p.requires_grad))
     remove_forward_hooks(model)
     remove_model_methods(model)
+    remove_peft_methods(model)
     del model.__dict__[STATE_ATTR]
     model.__dict__.pop("_sparse_adapter_config", None)
     return model
@@ -213,5 +236,5 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[Union[str, Sequen
     others = [n for n in state.merged if n not in names]
     if others:
         unmerge_adapter(model, others)
-    merge_adapter(model, names)
+    merge_adapter(model, names, _even_if_disabled=True)
     return unload(model, _keep_merged=True, _heads=heads)

@@ -18,8 +18,10 @@ from .files import LEGACY_CONFIG_NAME as PEFT_CONFIG_NAME
 from .files import LEGACY_WEIGHTS_NAME as PEFT_WEIGHTS_NAME
 from .files import _atomic_write
 from .inject import _adapter_sparse_linears, _insert, _state_or_raise, only_adapter, site_entries
+from .checkpoint import _make_directory
 from .layers import site_kind
-from .sites import _model_config, base_modules
+from .projections import is_conv1d
+from .sites import _model_config, base_modules, unwrap
 from .state import DEFAULT_ADAPTER, check_adapter_name
 
 PEFT_PREFIX = "base_model.model."
@@ -38,12 +40,13 @@ def export_peft_lora(model: nn.Module, path: str, adapter_name: Optional[str] = 
     if config.preset != "lora":
         raise ValueError(f"export_peft_lora: adapter {name!r} is a {config.preset!r} adapter; PEFT's LoRA format holds "
                          "LoRA adapters only (save it with save_adapters)")
-    tensors, targets, r, alpha, dropout = {}, [], None, None, 0.0
+    tensors, targets, r, alpha, dropout, conv1d = {}, [], None, None, 0.0, []
     for logical, _, site in site_entries(model):
         part = site.adapter_slots().get(name) if site_kind(site) == "lora" else None
         if part is None:
             continue
         targets.append(logical)
+        conv1d.append(is_conv1d(site.base))
         r, alpha = part.r, part.alpha
         dropout = float(getattr(part.lora_dropout, "p", 0.0))
         for ab in ("lora_A", "lora_B"):
@@ -55,11 +58,12 @@ def export_peft_lora(model: nn.Module, path: str, adapter_name: Optional[str] = 
     cfg = _model_config(model)
     doc = dict(peft_type="LORA", task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
                target_modules=sorted(targets), modules_to_save=sorted(saved) or None, bias="none",
-               fan_in_fan_out=False, init_lora_weights=True, use_rslora=False, use_dora=False, inference_mode=True,
+               fan_in_fan_out=bool(conv1d) and all(conv1d),  # PEFT's own setting for GPT-2's Conv1D targets
+               init_lora_weights=True, use_rslora=False, use_dora=False, inference_mode=True,
                base_model_name_or_path=_portable_name(str(getattr(cfg, "_name_or_path", "") or "")))
     from safetensors.torch import save
 
-    os.makedirs(path, exist_ok=True)
+    _make_directory(path, "export_peft_lora")
     blob = save({k: v.cpu().contiguous() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
     _atomic_write(os.path.join(path, PEFT_WEIGHTS_NAME), blob)
     _atomic_write(os.path.join(path, PEFT_CONFIG_NAME), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
@@ -74,11 +78,11 @@ def _read_peft(path: str):
         doc = json.load(f)
     if doc.get("peft_type") != "LORA":
         raise ValueError(f"import_peft_lora: {cfg_path} holds a {doc.get('peft_type')!r} adapter, not a PEFT LoRA")
-    flags = [(k, doc.get(k)) for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")]
+    flags = [(k, doc.get(k)) for k in ("use_dora", "rank_pattern", "alpha_pattern")]
     unsupported = [k for k, bad in flags + [("bias", doc.get("bias", "none") != "none")] if bad]
     if unsupported:
         raise NotImplementedError(f"import_peft_lora: {cfg_path} uses {unsupported}; only plain LoRA (one r and alpha, "
-                                  "no DoRA, no LoRA biases, nn.Linear targets) converts")
+                                  "no DoRA, no LoRA biases) converts")
     weights = os.path.join(path, PEFT_WEIGHTS_NAME)
     if os.path.isfile(weights):
         from safetensors.torch import load_file
@@ -117,6 +121,10 @@ def import_peft_lora(model: nn.Module, path: str, adapter_name: str = DEFAULT_AD
         if t not in bm:
             raise ValueError(f"import_peft_lora: {path} adapts {t!r}, which {type(model).__name__} does not have "
                              "(an adapter of another architecture?)")
+    linear = [t for t in targets if not is_conv1d(unwrap(bm[t][1]))]
+    if doc.get("fan_in_fan_out") and linear:  # PEFT writes it for GPT-2's Conv1D, whose A / B are ours
+        raise NotImplementedError(f"import_peft_lora: {path} sets fan_in_fan_out, which only GPT-2-style Conv1D "
+                                  f"targets use (A [r, in], B [out, r] there, as ours); {linear[:3]} are not Conv1D")
     _insert(model, config, adapter_name)
     for logical, _, site in site_entries(model):
         if logical in sizes:

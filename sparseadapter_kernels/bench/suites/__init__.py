@@ -6,7 +6,8 @@ and either ``run(cfg, progress, emit)`` (the default sweep) or the case-based in
 :func:`run_cases`: ``specs(name, opts) -> [Spec]`` (light: what ``benchmarks/`` parametrizes over),
 ``build(spec, opts) -> Case`` and ``settings(spec, opts) -> TimerSettings``;
 optionally ``finish(rows, opts) -> dict`` (``extra`` for results.json, ``files`` to write beside it,
-``lines`` to print) and ``REQUIRES = {suite: (suites whose rows it needs, run first)}``.
+``lines`` to print), ``REQUIRES = {suite: (suites whose rows it needs, run first)}`` and
+``run_suite(name, opts, emit, events) -> rows`` (its own loop over the cases, e.g. ``tune``'s adaptive one).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ SUITES: Dict[str, Tuple[str, str]] = {
                      "empty weight"),
     "crossover": ("crossover", "density x tokens sweep of the CPU kernels against dense math: derives "
                                "dispatch.CROSSOVER (prints it, writes crossover_table.json)"),
-    "tune": ("crossover", "the crossover sweep at the tuning densities on this machine: stores backend=auto's "
-                          "decision tables in the tuning cache (--tune; --smoke never stores)"),
+    "tune": ("tune", "the crossover cases at the tuning densities on this machine, adaptively (only what the tables "
+                     "need; noisy cases re-measured): stores backend=auto's decision tables in the tuning cache, "
+                     "unless the machine was busy (--tune; --smoke never stores)"),
     "readme": ("readme", "the README speed table (projections and adapter at 0.8/0.9, Large-Sparse): writes "
                          "readme_table.md"),
     "model": ("model", "adapter overhead inside a BERT-base-width encoder (1x128, 8x128, 32x128 tokens; fwd, "
@@ -41,6 +43,9 @@ SUITES: Dict[str, Tuple[str, str]] = {
                        "0.8, Large-Sparse k=4"),
     "mixed-batch": ("mixed_batch", "N adapters x a batch of mixed requests: ours (one forward, adapter_names=) vs a "
                                    "loop over adapters vs PEFT's mixed LoRA batch"),
+    "serve": ("serve", "many adapters served at once: N distinct adapters (pooled) in one batch vs one adapter, "
+                       "PEFT's mixed batch, a loop; generate with per-request adapters; bytes per kept value, adapters "
+                       "per GiB, add / activate times"),
     "hbm": ("gpu_common", "GPU copy bandwidth (the HBM floor's denominator) and a bf16 GEMM (the compute ceiling)"),
     "gpu-products": ("gpu_products", "CSR forward/dx/SDDMM (CUDA kernels) vs torch.sparse, cuBLAS, reference; BSR "
                                      "products (Triton) vs torch's bsr_dense_mm and cuBLAS"),
@@ -124,6 +129,8 @@ def run_cases(name: str, opts: Options, emit: Callable[[List[dict]], None], even
     from ..case import measure_case
 
     mod = module(name)
+    if hasattr(mod, "run_suite"):
+        return mod.run_suite(name, opts, emit, events)
     rows: List[dict] = []
     for spec in mod.specs(name, opts):
         case = mod.build(spec, opts)

@@ -1,6 +1,5 @@
-"""``crossover``: the density sweep behind ``sparseadapter_kernels.dispatch.CROSSOVER``, and its derivation;
-``tune`` (``--tune``): the same measurement on this machine, stored in the tuning cache that
-``backend="auto"`` reads first (:mod:`sparseadapter_kernels.tuning`).
+"""``crossover``: the density sweep behind ``sparseadapter_kernels.dispatch.CROSSOVER``, and its derivation
+(``tune``, ``--tune``, measures the same cases on this machine: :mod:`.tune`).
 
 Cases: the CPU kernel (``backend="cpu"``) against what ``auto`` runs otherwise, dense math on a dense
 weight kept across calls (the fastest dense option, so the crossover is conservative), for
@@ -14,10 +13,6 @@ which the kernel beat dense math by at least ``MARGIN`` (median of the paired pe
 measured token count >= n_min, both shapes, every block size of the layout, and at every lower density
 too (0: never); over several files, the lower value of each entry is kept.
 ``python -m sparseadapter_kernels.bench.suites.crossover FILE...`` prints it as Python for dispatch.py.
-
-``tune`` measures the densities and token buckets of :mod:`sparseadapter_kernels.tuning` (``DENSITIES``,
-``TOKEN_BUCKETS``), derives each table with its margin (``tuning.MARGIN``) and stores them under this
-machine's key (``tuning.machine_key``: CPU, kernel ISA, threads, versions); ``--smoke`` never stores.
 """
 from __future__ import annotations
 
@@ -173,28 +168,7 @@ def finish(rows: List[dict], opts: Options) -> dict:
                              "crossover_table.py": "\n".join(text) + "\n"})
         out["lines"] += ["", f"== crossover: dispatch table of this run (margin {MARGIN:g}x; compare with "
                              "sparseadapter_kernels/dispatch.py, keep the lower of two runs)"] + text
-    tuned = [r for r in rows if r.get("suite") == "tune"]
-    if tuned:
-        out["extra"]["tuning"] = store_tuning(tuned, store=not opts.smoke)
-        t = out["extra"]["tuning"]
-        out["lines"] += ["", f"== tune: backend='auto' decision tables of this machine (margin {tuning.MARGIN:g}x) "
-                             + (f"stored in {t['path']}" if t["path"] else "(--smoke: not stored)")]
-        out["lines"] += [f"  {k}: {v}" for tables in t["tables"].values() for k, v in tables.items()]
     return out
-
-
-def store_tuning(rows: List[dict], store: bool = True) -> dict:
-    """Derive the decision tables of ``tune`` rows (``tuning.derive_table``) and store them under this
-    machine's key per dtype; ``{"path": cache file or None, "tables": {machine key: {table key: table}}}``."""
-    by_key: Dict[str, Dict[str, tuning.Table]] = {}
-    for (dev, dtype, layout, op, backend), ratios in ratios_of_rows(rows).items():
-        by_key.setdefault(tuning.machine_key(dtype, dev), {})[tuning.table_key(dtype, layout, op, backend)] = \
-            tuning.derive_table(ratios)
-    path = None
-    if store:
-        for key, tables in by_key.items():
-            path = tuning.store(key, tables, {"source": "sparseadapter-bench --tune", "margin": tuning.MARGIN})
-    return {"path": path, "tables": {k: {tk: [list(p) for p in t] for tk, t in v.items()} for k, v in by_key.items()}}
 
 
 def main(argv=None) -> int:
