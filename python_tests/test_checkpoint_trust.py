@@ -21,18 +21,12 @@ from sparseadapter_kernels.integration import (CONFIG_NAME, WEIGHTS_NAME, Sparse
                                                load_adapters, save_adapters)
 from sparseadapter_kernels.integration.files import _safetensors_bytes
 
+from test_checkpoint_atomic import build
+
 transformers = pytest.importorskip("transformers")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-
-def build(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, max_position_embeddings=32)
-    return transformers.BertForSequenceClassification(cfg)
 
 
 def adapted(seed=0, preset="houlsby"):

@@ -19,12 +19,22 @@ __all__ = ["SparseWeight", "ops", "reference", "available_backends", "backend_st
            "SparseLinear", "BottleneckAdapter", "HoulsbyAdapter", "PfeifferAdapter", "ParallelAdapter",
            "PrefixTuning", "MAMAdapter", "LoRA", "AdapterFusion", "prune_at_init", "apply_masks", "large_sparse",
            "LargeSparse"]
-from .integration import (SparseAdapterCallback, SparseAdapterConfig, active_adapters, add_sparse_adapters,  # noqa
-                          delete_adapter, disable_adapter, export_peft_lora, from_pretrained, import_peft_lora,
-                          list_adapters, load_adapters, merge_adapter, merge_and_unload, mixed_batch,
-                          print_trainable_parameters, save_adapters, set_adapter, unload, unmerge_adapter)
+from .integration import (AdapterPool, SparseAdapterCallback, SparseAdapterConfig, SparseAdapterTrainerMixin,  # noqa
+                          active_adapters, add_sparse_adapters, add_weighted_adapter, delete_adapter,
+                          disable_adapter, export_peft_lora, from_pretrained, import_peft_lora, list_adapters,
+                          load_adapters, merge_adapter, merge_and_unload, mixed_batch, print_trainable_parameters,
+                          save_adapters, set_adapter, unload, unmerge_adapter)
 
 __all__ += ["SparseAdapterConfig", "add_sparse_adapters", "save_adapters", "load_adapters",
             "print_trainable_parameters", "set_adapter", "active_adapters", "list_adapters", "disable_adapter",
             "delete_adapter", "unload", "merge_adapter", "unmerge_adapter", "merge_and_unload", "mixed_batch",
-            "from_pretrained", "SparseAdapterCallback", "export_peft_lora", "import_peft_lora"]
+            "from_pretrained", "SparseAdapterCallback", "export_peft_lora", "import_peft_lora", "add_weighted_adapter",
+            "SparseAdapterTrainerMixin", "AdapterPool"]  # (and SparseAdapterTrainer, made on first use: it needs transformers)
+
+
+def __getattr__(name: str):
+    if name == "SparseAdapterTrainer":  # needs transformers (optional): made on first use
+        from .integration.resume import trainer_class
+
+        return trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -162,7 +162,7 @@ struct KernelTable {
   void (*fused_fwd)(const FusedFwdArgs&);
   void (*fused_bwd)(const FusedBwdArgs&);
   void (*seg_fwd)(const SegFwdArgs&);
-  int seg_tile;  // tokens per work item of seg_fwd (two vectors)
+  int seg_tile;  // tokens per work item of seg_fwd (at most four vectors)
 };
 
 // nullptr when the file was built for another architecture.

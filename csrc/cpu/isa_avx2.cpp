@@ -217,7 +217,7 @@ void seg_fwd(const SegFwdArgs& a) {
 namespace sak_cpu {
 const KernelTable* avx2_table() {
   static const KernelTable table = {"avx2", false, &avx2::spmm, &avx2::sddmm, &avx2::fused_fwd, &avx2::fused_bwd,
-                                    &avx2::seg_fwd, 2 * avx2::V::W};
+                                    &avx2::seg_fwd, 4 * avx2::V::W};
   return &table;
 }
 }  // namespace sak_cpu

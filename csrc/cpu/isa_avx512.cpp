@@ -66,7 +66,7 @@ namespace sak_cpu {
 // Outside the target region: this function itself must run on any x86-64 CPU.
 const KernelTable* avx512_table() {
   static const KernelTable table = {"avx512", false, &avx512::spmm, &avx512::sddmm, &avx512::fused_fwd, &avx512::fused_bwd,
-                                    &avx512::seg_fwd, 2 * avx512::V::W};
+                                    &avx512::seg_fwd, 4 * avx512::V::W};
   return &table;
 }
 }  // namespace sak_cpu

@@ -201,7 +201,7 @@ namespace sak_cpu {
 const KernelTable* avx512bf16_table() {
   static const KernelTable table = {"avx512bf16", true, &avx512bf16::spmm, &avx512bf16::sddmm,
                                     &avx512bf16::fused_fwd, &avx512bf16::fused_bwd, &avx512::seg_fwd,
-                                    32};  // the AVX-512 segmented kernel (2 x 16 fp32 lanes)
+                                    64};  // the AVX-512 segmented kernel (up to 4 x 16 fp32 lanes)
   return &table;
 }
 }  // namespace sak_cpu

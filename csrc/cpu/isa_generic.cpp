@@ -181,7 +181,7 @@ void seg_fwd(const SegFwdArgs& a) {
 
 const KernelTable* generic_table() {
   static const KernelTable table = {"generic", false, &generic::spmm, &generic::sddmm, &generic::fused_fwd,
-                                    &generic::fused_bwd, &generic::seg_fwd, 2 * generic::V::W};
+                                    &generic::fused_bwd, &generic::seg_fwd, 4 * generic::V::W};
   return &table;
 }
 

@@ -1,8 +1,9 @@
 // The segmented multi-adapter kernel (SegFwdArgs in cpu_kernels.h), written once over the vector traits
 // V of an ISA file and included by it right after kernel_body.h (same namespace; uses its Scratch).
 //
-// A work item is up to T = 2W tokens (W = 8 fp32 lanes on AVX2 and the portable kernels, 16 on AVX-512) of
-// one segment, all through that segment's adapter; items of at most W tokens (decoding) use one vector:
+// A work item is up to T = 4W tokens (W = 8 fp32 lanes on AVX2 and the portable kernels, 16 on AVX-512) of
+// one segment, all through that segment's adapter, in U = 1, 2 or 4 vectors (the fewest that hold its tokens:
+// one for decoding); each entry's value and index are then loaded once for U vectors:
 //   * the token rows (gathered through `rows`) are transposed in W x W register blocks into a feature-major
 //     tile xT[d][T];
 //   * down: for each row j of the adapter, h[j][0:T] = sum_e v[e] * xT[col[e]][0:T] (broadcast + FMA, two
@@ -88,7 +89,8 @@ struct Seg {
   }
 
   // dst[m][0:U*W] = sum over the entries e of row m of val[e] * src[col[e]][0:U*W] (+ bias[m]), col < n_src.
-  // Two entries at a time into separate accumulators (2U independent FMA chains).
+  // Two entries at a time into separate accumulators (2U independent FMA chains; 8 of the 16 AVX2 registers
+  // at U = 4).
   template <int U, class S, class I>
   static inline void rows_times_tile(SegRows rp, const I* col, const S* val, const S* bias, int64_t n_rows,
                                      const A* src, int64_t n_src, A* dst, int& bad) {
@@ -158,19 +160,20 @@ struct Seg {
 
   template <class S>
   static void run(const SegFwdArgs& a) {
-    const size_t need = size_t(a.d + a.max_r + a.d_out) * 2 * W * sizeof(A);  // tiles of up to 2W tokens
+    const size_t need = size_t(a.d + a.max_r + a.d_out) * 4 * W * sizeof(A);  // tiles of up to 4W tokens
     int bad = 0;
 #pragma omp parallel num_threads(a.threads) reduction(| : bad)
     {
       Scratch& scratch = thread_scratch();
       A* xT = static_cast<A*>(scratch.get(need));
-      A* hT = xT ? xT + a.d * 2 * W : nullptr;
-      A* oT = xT ? hT + a.max_r * 2 * W : nullptr;
+      A* hT = xT ? xT + a.d * 4 * W : nullptr;
+      A* oT = xT ? hT + a.max_r * 4 * W : nullptr;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < a.n_items; it++) {
         if (!xT) bad |= 2;
         else if (a.item_len[it] <= W) item_any<1, S>(a, it, xT, hT, oT, bad);  // decode-sized: one vector of tokens
-        else item_any<2, S>(a, it, xT, hT, oT, bad);
+        else if (a.item_len[it] <= 2 * W) item_any<2, S>(a, it, xT, hT, oT, bad);
+        else item_any<4, S>(a, it, xT, hT, oT, bad);
       }
     }
     *a.bad_index = bad;

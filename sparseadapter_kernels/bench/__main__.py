@@ -112,9 +112,9 @@ def run_suites(parser, args, cfg, argv: List[str]) -> int:
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     jpath, cpath = report.write_results(args.out, results)
     written = [jpath, cpath]
-    for fname, text in files.items():
-        with open(os.path.join(args.out, fname), "w") as f:
-            f.write(text)
+    for fname, content in files.items():  # text, or bytes (a suite's plot)
+        with open(os.path.join(args.out, fname), "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
         written.append(os.path.join(args.out, fname))
     written += [p for paths in plots.values() for p in paths]
     report.emit([""] + [f"wrote {p}" for p in written] + report.warnings_of(results)

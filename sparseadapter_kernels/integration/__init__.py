@@ -35,7 +35,8 @@ lora        ``W0 x + (alpha/r) B A x`` on the attention query and value projecti
 
 Several named adapters (``adapter_name=``), PEFT style: ``set_adapter`` (a name or a list), ``disable_adapter()``
 (a context manager), ``delete_adapter``, ``unload``, LoRA ``merge_adapter`` / ``unmerge_adapter`` /
-``merge_and_unload``; mixed batches with ``model(**inputs, adapter_names=[...])`` or ``mixed_batch``, and
+``merge_and_unload`` / ``add_weighted_adapter``, also as methods of the model (``model.merge_and_unload()``);
+mixed batches with ``model(**inputs, adapter_names=[...])`` or ``mixed_batch``, and
 ``model.generate(..., adapter_names=[...])`` (one adapter per request, the names expanded for beams / returned
 sequences).
 On a transformers model, its own ``set_adapter``, ``disable_adapters``, ``enable_adapters``, ``active_adapters``,
@@ -47,7 +48,8 @@ Modules: ``config`` (SparseAdapterConfig, presets), ``sites`` (ARCHITECTURES, wh
 ``projections`` (what LoRA wraps: ``nn.Linear``, GPT-2's ``Conv1D``), ``manage`` (named adapters, merging,
 unload), ``generation`` (``generate(adapter_names=...)``), ``files`` / ``checkpoint`` (save / load, also from an
 FSDP2-sharded model), ``hf`` (transformers' methods, save_pretrained / from_pretrained, the Trainer callback),
-``peft_interop`` (PEFT LoRA export / import). See docs/integration.md.
+``peft_interop`` (PEFT LoRA export / import), ``methods`` (PEFT's method names on the model), ``weighted``
+(``add_weighted_adapter``), ``resume`` (Trainer resume from adapter-only checkpoints). See docs/integration.md.
 """
 from __future__ import annotations
 
@@ -71,6 +73,9 @@ from .files import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, LEGACY_CONFIG_NAME
 from .checkpoint import load_adapters, save_adapters  # noqa: F401 (re-exported)
 from .hf import SparseAdapterCallback, from_pretrained, save_pretrained  # noqa: F401 (re-exported)
 from .peft_interop import export_peft_lora, import_peft_lora  # noqa: F401 (re-exported)
+from .pool import AdapterPool  # noqa: F401 (re-exported)
+from .weighted import add_weighted_adapter  # noqa: F401 (re-exported)
+from .resume import SparseAdapterTrainerMixin, is_adapter_checkpoint, load_adapter_checkpoint  # noqa: F401
 
 __all__ = ["SparseAdapterConfig", "add_sparse_adapters", "save_adapters", "load_adapters",
            "print_trainable_parameters", "adapter_stats", "adapter_sites", "set_adapter_backend",
@@ -78,4 +83,13 @@ __all__ = ["SparseAdapterConfig", "add_sparse_adapters", "save_adapters", "load_
            "ParallelAdapterLayer", "ResidualParallelAdapterLayer", "PrefixSelfAttention", "LoRALayer", "HeadSite",
            "set_adapter", "active_adapters", "list_adapters", "disable_adapter", "disable_adapters",
            "enable_adapters", "delete_adapter", "unload", "merge_adapter", "unmerge_adapter", "merge_and_unload",
-           "mixed_batch", "from_pretrained", "SparseAdapterCallback", "export_peft_lora", "import_peft_lora"]
+           "mixed_batch", "from_pretrained", "SparseAdapterCallback", "export_peft_lora", "import_peft_lora",
+           "add_weighted_adapter", "SparseAdapterTrainerMixin", "load_adapter_checkpoint", "AdapterPool"]  # + SparseAdapterTrainer
+
+
+def __getattr__(name: str):
+    if name == "SparseAdapterTrainer":  # transformers.Trainer + SparseAdapterTrainerMixin, made on first use
+        from .resume import trainer_class
+
+        return trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
