@@ -392,6 +392,22 @@ def test_tune_measures_only_what_the_tables_need_and_remeasures_noisy_cases():
     assert stubborn == list(range(tune.RETRIES + 1))
 
 
+def test_tune_remeasures_only_undecided_cases():
+    from sparseadapter_kernels.bench.suites import tune
+
+    m = tuning.MARGIN
+    assert not tune.undecided(dict(noisy=False, speedup_q1=0.5, speedup_q3=2.0))
+    assert not tune.undecided(dict(noisy=True, speedup_q1=m + 0.1, speedup_q3=m + 3.0))  # a noisy win
+    assert not tune.undecided(dict(noisy=True, speedup_q1=0.2, speedup_q3=m - 0.01))     # a noisy loss
+    assert tune.undecided(dict(noisy=True, speedup_q1=m - 0.1, speedup_q3=m + 0.1))
+    assert tune.undecided(dict(noisy=True))  # no quartiles: noisy alone decides
+    calls = []
+    specs = _tune_specs()[:1]
+    tune.run_adaptive(specs, lambda s, a: calls.append(a) or [dict(r, speedup_q1=m + 0.5, speedup_q3=m + 2.0) for r in
+                                                              _fake_rows(s, 2.0, noisy=True)])
+    assert calls == [0]  # noisy but wholly above the margin: measured once
+
+
 def test_tune_refuses_to_store_from_a_busy_machine_and_says_so(tmp_path, monkeypatch, capsys):
     from sparseadapter_kernels.bench import case as bench_case
     from sparseadapter_kernels.bench.suites import Options, run_cases, tune

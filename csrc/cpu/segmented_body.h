@@ -41,15 +41,6 @@ struct Seg {
     *p = f != f ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
 
-  static inline A act1(A h, Act act) {
-    switch (act) {
-      case Act::relu: return h < A(0) ? A(0) : h;  // keeps NaN
-      case Act::gelu: return A(0.5) * h * (A(1) + std::erf(h * A(0.70710678118654752)));
-      case Act::silu: return h / (A(1) + std::exp(-h));
-      default: return h;
-    }
-  }
-
   // xT[k][0:U*W] (row stride U*W) <- the token rows xr[t] (t < nt; zeros beyond), W x W register transposes.
   template <int U, class S>
   static void gather_tile(const S* const* xr, int nt, int64_t K, A* xT) {
@@ -145,8 +136,7 @@ struct Seg {
     gather_tile<U, S>(xr, n, a.d, xT);
     rows_times_tile<U, S, I>(ad.down_rows, static_cast<const I*>(ad.down_col), static_cast<const S*>(ad.down_values),
                              static_cast<const S*>(ad.down_bias), ad.r, xT, a.d, hT, bad);
-    if (a.act != Act::identity)
-      for (int64_t i = 0; i < ad.r * T; i++) hT[i] = act1(hT[i], a.act);
+    if (a.act != Act::identity) Kern<V, 16>::act_fwd(hT, hT, ad.r * T, a.act);  // vectorized, as the fused kernel
     rows_times_tile<U, S, I>(ad.up_rows, static_cast<const I*>(ad.up_col), static_cast<const S*>(ad.up_values),
                              nullptr, a.d_out, hT, ad.r, oT, bad);
     scatter_tile<U, S>(oT, a.d_out, static_cast<const S*>(ad.up_bias), A(ad.scale), orow, n);

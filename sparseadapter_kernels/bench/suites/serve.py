@@ -170,6 +170,7 @@ def overheads(rows: List[dict]) -> List[dict]:
         t = {k: v["median_ms"] for k, v in by.items()}
         layer = {k: t[k] - t["base"] for k in t if k != "base"}
         row = dict(case=case, preset=by["ours"]["preset"], n=by["ours"]["adapters"], mode=by["ours"]["mode"],
+                   tokens=by["ours"]["n"],
                    sparsity=by["ours"]["sparsity"], ms=t, layers_ms=layer,
                    ours_layers_over_one=layer["ours"] / layer["one"] if layer["one"] > 0 else float("nan"),
                    ours_model_over_one=t["ours"] / t["one"],
@@ -183,7 +184,9 @@ def overheads(rows: List[dict]) -> List[dict]:
 
 
 def _plot(table: List[dict]) -> Optional[bytes]:
-    """PNG: ms per batch against the number of distinct adapters (ours, PEFT, one adapter, base)."""
+    """PNG: tokens per second through one adapter site (prefill, sparsity 0.9) against the number of distinct
+    adapters in the batch: ours, PEFT's mixed batch, the per-adapter loop, one adapter for the whole batch, and
+    the base layer's output alone (what the site costs without adapters)."""
     try:
         import matplotlib
 
@@ -193,21 +196,22 @@ def _plot(table: List[dict]) -> Optional[bytes]:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, preset in zip(axes, ("lora", "houlsby")):
-        rows = sorted((r for r in table if r["preset"] == preset and r["mode"] == "prefill" and r["sparsity"] == 0.9),
-                      key=lambda r: r["n"])
+        rows = sorted((r for r in table if r["case"].startswith(f"layer-{preset}-prefill-s0.9")), key=lambda r: r["n"])
         if not rows:
             continue
-        ns = [r["n"] for r in rows]
-        for impl, style in (("ours", "o-"), ("peft", "s--"), ("one", "^:"), ("base", "k-")):
-            pts = [(r["n"], r["ms"][impl]) for r in rows if impl in r["ms"]]
+        for impl, style, color in (("ours", "o-", "C0"), ("peft", "s--", "C1"), ("loop", "v-.", "C2"),
+                                   ("one", "^:", "C3"), ("base", "-", "k")):
+            pts = [(r["n"], r["tokens"] / (r["ms"][impl] / 1e3)) for r in rows if impl in r["ms"]]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=impl)
+        ns = [r["n"] for r in rows]
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xticks(ns, [str(x) for x in ns])
-        ax.set_xlabel("distinct adapters in the batch")
-        ax.set_ylabel("ms per batch (lower is better)")
-        ax.set_title(f"{preset}, r = {R}, sparsity 0.9, prefill")
-        ax.legend()
+        ax.set_xlabel("distinct adapters in the batch (32 tokens per request)")
+        ax.set_ylabel("tokens / s through one adapter site")
+        ax.set_title(f"{preset}, r = {R}, sparsity 0.9, d = 768, fp32")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

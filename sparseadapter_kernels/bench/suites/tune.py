@@ -6,13 +6,16 @@ shapes and the adapter; fp32 and bf16; CSR and BSR 16x16 / 32x32) at the densiti
 :mod:`~sparseadapter_kernels.tuning`, measured **adaptively**: per table (dtype, layout, op) the densities go up
 and, at each, the token counts go down; a point where the kernel misses the margin (``tuning.MARGIN``) ends
 every bucket up to that token count, so nothing a table cannot use is measured (the tables equal those of the
-full grid: :func:`run_adaptive`). Each case whose paired ratios are flagged noisy (IQR over median above the
-noise threshold) is measured again, up to :data:`RETRIES` times with twice the rounds each time.
+full grid: :func:`run_adaptive`). A case is measured again, up to :data:`RETRIES` times with twice the rounds each
+time, only while its decision is not settled (:func:`undecided`): its paired ratios are flagged noisy (IQR over
+median above the noise threshold) *and* their interquartile range straddles the margin. A noisy ratio wholly
+above or below the margin decides the table all the same (on a 2-core VM with neighbours most small-call
+ratios are noisy: re-measuring every noisy one took most of a 7.5-minute tune).
 
 A table from a busy machine is **not stored** (:func:`refusal`), and the run says so: when the 1-minute load
 average before the tune, or after it less the tune's own threads, exceeds :func:`busy_load` (a quarter of the
-CPUs, at least 0.5), or when more than :data:`MAX_NOISY_FRACTION` of the kernel's cases are still noisy after
-the re-measurements. ``--smoke`` never stores (and re-measures nothing).
+CPUs, at least 0.5), or when more than :data:`MAX_NOISY_FRACTION` of the kernel's cases are still undecided
+after the re-measurements. ``--smoke`` never stores (and re-measures nothing).
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ from . import Options, Spec
 from . import crossover
 
 DEVICE = "cpu"
-RETRIES = 2                 # re-measurements of a noisy case (each with twice the rounds of the one before)
-MAX_NOISY_FRACTION = 0.1    # more of the kernel's cases still noisy than this: the tables are not stored
+RETRIES = 2                 # re-measurements of an undecided case (each with twice the rounds of the one before)
+MAX_NOISY_FRACTION = 0.1    # more of the kernel's cases still undecided than this: the tables are not stored
 BUSY_LOAD_PER_CPU = 0.25    # load average from other processes, per CPU, above which the machine is busy
 MIN_BUSY_LOAD = 0.5
 _RUN: Dict[str, Optional[Tuple[float, ...]]] = {}   # the last run's load averages (before, after)
@@ -66,12 +69,23 @@ def _wins(row: dict, margin: float) -> bool:
     return isinstance(x, (int, float)) and x == x and x >= margin
 
 
+def undecided(row: dict, margin: float = tuning.MARGIN) -> bool:
+    """The kernel's ratio leaves its decision open: flagged noisy, with its interquartile range straddling
+    ``margin`` (without quartiles in the row: noisy alone)."""
+    if not row.get("noisy"):
+        return False
+    q1, q3 = row.get("speedup_q1"), row.get("speedup_q3")
+    if not all(isinstance(v, (int, float)) and v == v for v in (q1, q3)):
+        return True
+    return q1 < margin <= q3
+
+
 def measure_until_quiet(spec: Spec, measure: Callable[[Spec, int], List[dict]], retries: int) -> List[dict]:
-    """The case's rows, measured again (more rounds) while the kernel's ratio is flagged noisy, ``retries``
-    times at most; the rows say how often (``remeasured``)."""
+    """The case's rows, measured again (more rounds) while the kernel's ratio leaves the decision open
+    (:func:`undecided`), ``retries`` times at most; the rows say how often (``remeasured``)."""
     rows = measure(spec, 0)
     attempt = 0
-    while attempt < retries and _kernel_row(rows).get("noisy"):
+    while attempt < retries and undecided(_kernel_row(rows)):
         attempt += 1
         rows = measure(spec, attempt)
     for r in rows:
@@ -139,10 +153,10 @@ def refusal(rows: Sequence[dict], load_before=None, load_after=None, threads: Op
         why.append(f"1-minute load average {load_after[0]:.2f} after the tune, {load_after[0] - threads:.2f} "
                    f"without its own {threads} threads (over {limit:g})")
     kernel = [r for r in rows if r.get("impl") == "cpu" and r.get("status", "ok") == "ok"]
-    noisy = [r for r in kernel if r.get("noisy")]
+    noisy = [r for r in kernel if undecided(r)]
     if kernel and len(noisy) > MAX_NOISY_FRACTION * len(kernel):
-        why.append(f"{len(noisy)} of {len(kernel)} cases still noisy after {RETRIES} re-measurements (over "
-                   f"{MAX_NOISY_FRACTION:.0%})")
+        why.append(f"{len(noisy)} of {len(kernel)} cases still noisy with their ratios straddling the "
+                   f"{tuning.MARGIN:g}x margin after {RETRIES} re-measurements (over {MAX_NOISY_FRACTION:.0%})")
     return why
 
 
