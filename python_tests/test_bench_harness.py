@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import time
+
 import pytest
 import torch
 
@@ -230,6 +232,24 @@ def test_measure_many_interleaves_implementations():
     assert [t.repeats for t in timings] == [3, 3, 3]
     assert calls[:3] == ["A", "B", "C"]              # warm-up, one each
     assert "".join(calls[3:]) == "ABCABCABC"         # timed round-robin
+
+
+def test_measure_many_samples_small_calls_in_batches():
+    """With min_sample, a sample is the mean over enough back-to-back calls; each call gets the next buffer."""
+    calls = []
+
+    def slow(i):
+        calls.append(("slow", i))
+        time.sleep(0.004)
+
+    steps = [(lambda i: calls.append(("fast", i)), 3), (slow, 3)]
+    timings = measure_many(steps, "cpu", warmup=0, repeats=2, min_repeats=2, max_time=10.0, costs=[1e-4, 4e-3], alternate=True,
+                           min_sample=1e-3)
+    timed = [c for c in calls]
+    assert [c[0] for c in timed] == ["fast"] * 10 + ["slow"] + ["slow"] + ["fast"] * 10   # A B, then B A
+    assert [c[1] for c in timed[:11]] == [k % 3 for k in range(11)]
+    assert all(3e-3 < t.median_s < 0.05 for t in timings[1:]) and timings[0].median_s < 1e-3
+    assert [t.repeats for t in timings] == [2, 2]
 
 
 def test_compare_reports_ratio(tmp_path):

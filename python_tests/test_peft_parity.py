@@ -408,6 +408,32 @@ def test_tune_remeasures_only_undecided_cases():
     assert calls == [0]  # noisy but wholly above the margin: measured once
 
 
+def test_tune_needs_the_stored_tables_threshold(tmp_path, monkeypatch):
+    """A re-tune asks each case for the speed-up of tuning.threshold against this machine's stored table, and
+    judges noise against that threshold."""
+    from sparseadapter_kernels.bench.suites import tune
+
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    tuning._LOADED.clear()
+    try:
+        specs = [s for s in _tune_specs() if s.params["dtype"] == "float32" and s.params["layout"] == "csr"
+                 and s.params["op"] == "adapter"]
+        first = {s.id: tune.threshold_of(s) for s in specs}
+        assert set(first.values()) == {tuning.MARGIN}
+        tuning.store(tuning.machine_key(torch.float32), {
+            tuning.table_key(torch.float32, "csr", "adapter", "cpu"): ((1, 0.0), (256, 0.3))})
+        m, h = tuning.MARGIN, tuning.HYSTERESIS
+        for s in specs:
+            kept = s.params["n"] >= 256 and s.params["density"] <= 0.3
+            assert tune.threshold_of(s) == pytest.approx(m / h if kept else m * h)
+        s = next(s for s in specs if s.params["n"] >= 256 and s.params["density"] == 0.3)
+        rows = tune.measure_until_quiet(s, lambda sp, a: _fake_rows(sp, m * 0.97), 0, tune.threshold_of(s))
+        assert tune._wins(tune._kernel_row(rows))  # under the margin, over the kept cell's threshold
+        assert not tune.undecided(dict(rows[0], noisy=True, speedup_q1=m, speedup_q3=m * 1.02))
+    finally:
+        tuning._LOADED.clear()
+
+
 def test_tune_refuses_to_store_from_a_busy_machine_and_says_so(tmp_path, monkeypatch, capsys):
     from sparseadapter_kernels.bench import case as bench_case
     from sparseadapter_kernels.bench.suites import Options, run_cases, tune

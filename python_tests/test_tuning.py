@@ -39,6 +39,29 @@ def test_derive_table_from_fake_timings():
     assert tuning.density_limit(table, 20) == 0.2 and tuning.density_limit(table, 10**6) == 0.3
 
 
+def test_a_retune_flips_a_stored_decision_only_beyond_the_hysteresis():
+    """With a previous table the kernel keeps a cell down to MARGIN / HYSTERESIS and takes one from MARGIN *
+    HYSTERESIS: ratios jittering around the margin give the same table twice; a clear change still flips."""
+    m, h = tuning.MARGIN, tuning.HYSTERESIS
+    assert tuning.threshold(None, 256, 0.3) == m
+    previous = ((1, 0.0), (256, 0.3))
+    assert tuning.threshold(previous, 256, 0.3) == pytest.approx(m / h)  # the kernel was chosen here
+    assert tuning.threshold(previous, 256, 0.5) == pytest.approx(m * h)  # dense math was chosen here
+    assert tuning.threshold(previous, 16, 0.05) == pytest.approx(m * h)
+    ratios = {(n, d): (2.0 if d <= 0.2 else 0.5) for n in (256, 4096) for d in tuning.DENSITIES}
+    ratios[(256, 0.3)] = ratios[(4096, 0.3)] = m * 0.97   # just under the margin
+    ratios[(256, 0.5)] = ratios[(4096, 0.5)] = m * 1.05   # just over it (0.3 decides before it anyway)
+    buckets = (256, 4096)
+    assert tuning.derive_table(ratios, buckets=buckets) == ((256, 0.2), (4096, 0.2))
+    assert tuning.derive_table(ratios, buckets=buckets, previous=previous) == ((256, 0.3), (4096, 0.3))
+    ratios[(256, 0.3)] = m / h * 0.99                   # below the hysteresis band: the kernel loses the cell
+    assert tuning.derive_table(ratios, buckets=buckets, previous=previous) == ((256, 0.2), (4096, 0.3))
+    ratios = {k: 2.0 for k in ratios}                  # a clear win everywhere takes every cell
+    assert tuning.derive_table(ratios, buckets=buckets, previous=previous) == ((256, 0.7), (4096, 0.7))
+    ratios[(4096, 0.5)] = m * h * 0.99                  # a new cell needs MARGIN * HYSTERESIS
+    assert tuning.derive_table(ratios, buckets=buckets, previous=previous) == ((256, 0.3), (4096, 0.3))
+
+
 def test_store_merges_and_lookup_uses_this_machine(cache):
     key = tuning.machine_key(torch.float32)
     assert "isa=" in key and "torch=" in key and "threads=" in key

@@ -47,6 +47,11 @@ CACHE_ENV = "SAK_TUNING_CACHE"
 TOKEN_BUCKETS = (1, 16, 256, 4096)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 MARGIN = 1.10  # the kernel must beat dense math by 10% (median of paired ratios) to be chosen
+# A re-tune flips a stored decision only when it contradicts it by this factor beyond MARGIN (the kernel stays
+# while it is at least MARGIN / HYSTERESIS = 1.0x dense, and replaces dense math from MARGIN * HYSTERESIS = 1.21x):
+# on a shared 2-core VM two tunes minutes apart measured the same case up to ~10% apart, which flipped cells
+# whose ratio lies near the margin, where either choice is within 10% of the other.
+HYSTERESIS = 1.10
 Table = Tuple[Tuple[int, float], ...]
 
 # The kernels only where they beat dense math on every CPU measured so far (AMD Zen 5 and Intel Xeon
@@ -335,20 +340,31 @@ def tuned_table(device_type: str, dtype: torch.dtype, layout: str, op: str, back
     return None if entry is None else entry["tables"].get(table_key(dtype, layout, op, backend))
 
 
+def threshold(previous: Optional[Table], n_tokens: int, density: float, margin: float = MARGIN,
+              hysteresis: float = HYSTERESIS) -> float:
+    """The speed-up the kernel needs at ``(n_tokens, density)`` to be chosen: ``margin`` on a first tune;
+    with a ``previous`` table of this machine, ``margin / hysteresis`` where it chose the kernel and
+    ``margin * hysteresis`` where it chose dense math (see :data:`HYSTERESIS`)."""
+    if previous is None:
+        return margin
+    return margin / hysteresis if density <= density_limit(previous, n_tokens) else margin * hysteresis
+
+
 def derive_table(ratios: Mapping[Tuple[int, float], float], margin: float = MARGIN,
-                 buckets: Tuple[int, ...] = TOKEN_BUCKETS) -> Table:
+                 buckets: Tuple[int, ...] = TOKEN_BUCKETS, previous: Optional[Table] = None) -> Table:
     """A decision table from measured speed-ups ``{(n_tokens, density): dense time / kernel time}``
     (the worst over the shapes and block sizes measured at that point).
 
     For each token bucket ``n_min``: the highest density ``d`` such that the kernel beat dense math by
-    ``margin`` at ``d`` and at every lower density, for every measured token count ``>= n_min``."""
+    ``margin`` (:func:`threshold`, given the ``previous`` table) at ``d`` and at every lower density, for
+    every measured token count ``>= n_min``."""
     densities = sorted({d for _, d in ratios})
     table = []
     for n_min in buckets:
         ns = sorted({n for n, _ in ratios if n >= n_min})
         limit = 0.0
         for d in densities:
-            if ns and all(ratios.get((n, d), 0.0) >= margin for n in ns):
+            if ns and all(ratios.get((n, d), 0.0) >= threshold(previous, n, d, margin) for n in ns):
                 limit = d
             else:
                 break

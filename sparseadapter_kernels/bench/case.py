@@ -178,7 +178,7 @@ def time_together(ms: List[Measurement], case: Case, settings: TimerSettings, ev
         warmup = 0 if scaled else settings.warmup
         timings = measure_many([(m.ready.step, case.n_buffers) for m in todo], case.device, warmup,
                                settings.repeats, settings.min_repeats, settings.max_time,
-                               costs=[m.verify_s for m in todo], alternate=True)
+                               costs=[m.verify_s for m in todo], alternate=True, min_sample=settings.min_sample)
     except Exception as exc:
         for m in todo:
             m.status, m.reason = "n/a", "failed while timing: " + short(exc)

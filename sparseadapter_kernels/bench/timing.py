@@ -89,23 +89,26 @@ def paired_ratio(baseline: Timing, candidate: Timing) -> Ratio:
 
 @dataclass
 class TimerSettings:
-    """How long to time one case: ``warmup`` untimed calls per candidate, then rounds of one call each,
-    as many as fit in ``max_time`` seconds per candidate, between ``min_repeats`` and ``repeats``."""
+    """How long to time one case: ``warmup`` untimed calls per candidate, then rounds of one sample each,
+    as many as fit in ``max_time`` seconds per candidate, between ``min_repeats`` and ``repeats``; a sample
+    is the mean of enough back-to-back calls to last ``min_sample`` seconds (at least one call)."""
 
     warmup: int = 1
     repeats: int = 50
     min_repeats: int = 5
     max_time: float = 0.25
+    min_sample: float = 0.0
 
     @classmethod
-    def fixed(cls, repeats: int, warmup: int) -> "TimerSettings":
+    def fixed(cls, repeats: int, warmup: int, min_sample: float = 0.0) -> "TimerSettings":
         """Exactly ``repeats`` rounds (the named suites: the same count for every case)."""
-        return cls(warmup=warmup, repeats=repeats, min_repeats=repeats, max_time=float("inf"))
+        return cls(warmup=warmup, repeats=repeats, min_repeats=repeats, max_time=float("inf"), min_sample=min_sample)
 
 
 def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: str, warmup: int = 2,
                  repeats: int = 50, min_repeats: int = 5, max_time: float = 0.3,
-                 costs: Optional[Sequence[float]] = None, alternate: bool = False) -> List[Timing]:
+                 costs: Optional[Sequence[float]] = None, alternate: bool = False,
+                 min_sample: float = 0.0) -> List[Timing]:
     """Time several implementations of one problem *interleaved*; one :class:`Timing` per step.
 
     ``steps`` are ``(step, n_buffers)``: ``step(i)`` runs one call on input buffer ``i``. Each step
@@ -115,7 +118,9 @@ def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: s
     repeats)``, one call per step per round (A B C A B C ...; with ``alternate``, the order reverses
     every other round, A B C C B A ..., so no step always runs first or right after the same one), so
     a burst of load elsewhere on the machine hits every implementation of the row alike and round
-    ``i`` of two steps can be paired (:func:`paired_ratio`). A running count of timed calls picks the
+    ``i`` of two steps can be paired (:func:`paired_ratio`). With ``min_sample``, a step's sample is the mean
+    of ``ceil(min_sample / its cost)`` back-to-back calls: calls of a few microseconds, timed one by one on a
+    shared machine, measure its scheduler more than the call. A running count of timed calls picks the
     input buffer, so no call finds its input hot from the call before it. The garbage collector is off
     while timing. On CUDA every call is bracketed by CUDA events.
     """
@@ -132,7 +137,8 @@ def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: s
             sync()
             seen.append(time.perf_counter() - t0)
         per_call.append(max(min(seen), 1e-7))
-    round_cost = sum(per_call)
+    inner = [max(1, -int(-min_sample // c)) for c in per_call]
+    round_cost = sum(c * k for c, k in zip(per_call, inner))
     rounds = max(1, int(max(min_repeats, min(repeats, max_time * len(steps) / round_cost)))) if steps else 0
     samples: List[List[float]] = [[] for _ in steps]
     order = list(range(len(steps)))
@@ -155,7 +161,10 @@ def measure_many(steps: Sequence[Tuple[Callable[[int], object], int]], device: s
                 else:
                     t0 = time.perf_counter()
                     step(j)
-                    samples[k].append(time.perf_counter() - t0)
+                    for _ in range(inner[k] - 1):
+                        step(call % n_buffers)
+                        call += 1
+                    samples[k].append((time.perf_counter() - t0) / inner[k])
         if cuda:
             torch.cuda.synchronize()
             for k, start, end in events:

@@ -4,13 +4,17 @@ stored in the tuning cache (:mod:`sparseadapter_kernels.tuning`), short and robu
 The cases are the crossover suite's (CPU kernel against dense math on a kept dense weight; both projection
 shapes and the adapter; fp32 and bf16; CSR and BSR 16x16 / 32x32) at the densities and token buckets of
 :mod:`~sparseadapter_kernels.tuning`, measured **adaptively**: per table (dtype, layout, op) the densities go up
-and, at each, the token counts go down; a point where the kernel misses the margin (``tuning.MARGIN``) ends
+and, at each, the token counts go down; a point where the kernel misses the speed-up it needs ends
 every bucket up to that token count, so nothing a table cannot use is measured (the tables equal those of the
 full grid: :func:`run_adaptive`). A case is measured again, up to :data:`RETRIES` times with twice the rounds each
 time, only while its decision is not settled (:func:`undecided`): its paired ratios are flagged noisy (IQR over
 median above the noise threshold) *and* their interquartile range straddles the margin. A noisy ratio wholly
 above or below the margin decides the table all the same (on a 2-core VM with neighbours most small-call
 ratios are noisy: re-measuring every noisy one took most of a 7.5-minute tune).
+
+The speed-up the kernel needs is ``tuning.MARGIN`` on a first tune; a re-tune keeps a stored decision unless
+the new ratio contradicts it by ``tuning.HYSTERESIS`` beyond the margin (:func:`tuning.threshold`), so cells
+whose ratio lies near the margin (either choice within 10% of the other) do not flip from run to run.
 
 A table from a busy machine is **not stored** (:func:`refusal`), and the run says so: when the 1-minute load
 average before the tune, or after it less the tune's own threads, exceeds :func:`busy_load` (a quarter of the
@@ -45,11 +49,15 @@ def build(spec: Spec, opts: Options):
     return crossover.build(spec, opts)
 
 
+MIN_SAMPLE_S = 1e-3          # a sample of a small call: the mean of enough calls to last this long
+
+
 def settings(spec: Spec, opts: Options, attempt: int = 0) -> TimerSettings:
-    """20 rounds (80 below 256 tokens) after 3 warm-up calls; a re-measurement doubles the rounds."""
+    """20 rounds (80 below 256 tokens) after 3 warm-up calls, samples of at least :data:`MIN_SAMPLE_S`;
+    a re-measurement doubles the rounds."""
     t = opts.timer(repeats=20, warmup=3, quick_repeats=8)
     reps = t.repeats * (4 if spec.params["n"] < 256 and not opts.repeats else 1)
-    return TimerSettings.fixed(reps * 2 ** attempt, t.warmup)
+    return TimerSettings.fixed(reps * 2 ** attempt, t.warmup, 0.0 if opts.smoke else MIN_SAMPLE_S)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,39 +72,60 @@ def _kernel_row(rows: Sequence[dict]) -> dict:
     return next((r for r in rows if r.get("impl") == "cpu"), {})
 
 
-def _wins(row: dict, margin: float) -> bool:
+def _wins(row: dict) -> bool:
     x = row.get("speedup") if row.get("status", "ok") == "ok" else None
-    return isinstance(x, (int, float)) and x == x and x >= margin
+    return isinstance(x, (int, float)) and x == x and x >= row.get("threshold", tuning.MARGIN)
 
 
-def undecided(row: dict, margin: float = tuning.MARGIN) -> bool:
+def undecided(row: dict) -> bool:
     """The kernel's ratio leaves its decision open: flagged noisy, with its interquartile range straddling
-    ``margin`` (without quartiles in the row: noisy alone)."""
+    the speed-up it needs (``threshold`` in the row, else ``tuning.MARGIN``; without quartiles: noisy alone)."""
     if not row.get("noisy"):
         return False
+    margin = row.get("threshold", tuning.MARGIN)
     q1, q3 = row.get("speedup_q1"), row.get("speedup_q3")
     if not all(isinstance(v, (int, float)) and v == v for v in (q1, q3)):
         return True
     return q1 < margin <= q3
 
 
-def measure_until_quiet(spec: Spec, measure: Callable[[Spec, int], List[dict]], retries: int) -> List[dict]:
+def measure_until_quiet(spec: Spec, measure: Callable[[Spec, int], List[dict]], retries: int,
+                        threshold: float = tuning.MARGIN) -> List[dict]:
     """The case's rows, measured again (more rounds) while the kernel's ratio leaves the decision open
-    (:func:`undecided`), ``retries`` times at most; the rows say how often (``remeasured``)."""
-    rows = measure(spec, 0)
+    (:func:`undecided` against ``threshold``), ``retries`` times at most; the rows say how often
+    (``remeasured``) and the speed-up the kernel needed (``threshold``)."""
+    def measured(attempt: int) -> List[dict]:
+        rows = measure(spec, attempt)
+        for r in rows:
+            r["threshold"] = threshold
+        return rows
+
+    rows = measured(0)
     attempt = 0
     while attempt < retries and undecided(_kernel_row(rows)):
         attempt += 1
-        rows = measure(spec, attempt)
+        rows = measured(attempt)
     for r in rows:
         r["remeasured"] = attempt
     return rows
 
 
+def previous_table(spec: Spec) -> Optional[tuning.Table]:
+    """The table this machine's cache holds for ``spec``'s (dtype, layout, op) (None: never tuned)."""
+    dtype, layout, op = table_of(spec)
+    return tuning.tuned_table(DEVICE, getattr(torch, dtype), layout, op, "cpu")
+
+
+def threshold_of(spec: Spec) -> float:
+    """The speed-up the kernel needs at ``spec`` (:func:`tuning.threshold` against the stored table)."""
+    return tuning.threshold(previous_table(spec), spec.params["n"], spec.params["density"])
+
+
 def run_adaptive(all_specs: Sequence[Spec], measure: Callable[[Spec, int], List[dict]], retries: int = RETRIES,
-                 margin: float = tuning.MARGIN, emit: Callable[[List[dict]], None] = lambda rows: None) -> List[dict]:
+                 threshold: Callable[[Spec], float] = lambda spec: tuning.MARGIN,
+                 emit: Callable[[List[dict]], None] = lambda rows: None) -> List[dict]:
     """Measure what the decision tables need, table by table: densities upward, token counts downward at each;
-    a point lost (the worst of its cases below ``margin``; its other cases then skipped) ends every bucket up to
+    a point lost (the worst of its cases below its ``threshold``; its other cases then skipped) ends every bucket up to
     its token count, so the smaller token counts of that density and, at higher densities, every token count up
     to it are skipped; a table is done when no bucket is left. ``tuning.derive_table`` on the rows gives the
     tables of the full grid (a point not measured counts as lost, which it would decide anyway)."""
@@ -114,10 +143,10 @@ def run_adaptive(all_specs: Sequence[Spec], measure: Callable[[Spec, int], List[
             for n in alive:
                 won = True
                 for s in cells.get((n, d), []):
-                    rows = measure_until_quiet(s, measure, retries)
+                    rows = measure_until_quiet(s, measure, retries, threshold(s))
                     out += rows
                     emit(rows)
-                    if not _wins(_kernel_row(rows), margin):
+                    if not _wins(_kernel_row(rows)):
                         won = False
                         break
                 if not won or (n, d) not in cells:
@@ -156,7 +185,7 @@ def refusal(rows: Sequence[dict], load_before=None, load_after=None, threads: Op
     noisy = [r for r in kernel if undecided(r)]
     if kernel and len(noisy) > MAX_NOISY_FRACTION * len(kernel):
         why.append(f"{len(noisy)} of {len(kernel)} cases still noisy with their ratios straddling the "
-                   f"{tuning.MARGIN:g}x margin after {RETRIES} re-measurements (over {MAX_NOISY_FRACTION:.0%})")
+                   f"speed-up they need after {RETRIES} re-measurements (over {MAX_NOISY_FRACTION:.0%})")
     return why
 
 
@@ -178,7 +207,8 @@ def run_suite(name: str, opts: Options, emit: Callable[[List[dict]], None], even
     def measure(spec: Spec, attempt: int) -> List[dict]:
         return measure_case(build(spec, opts), settings(spec, opts, attempt), opts.noise, events)
 
-    rows = run_adaptive(specs(name, opts), measure, retries=0 if opts.smoke else RETRIES, emit=emit)
+    rows = run_adaptive(specs(name, opts), measure, retries=0 if opts.smoke else RETRIES, threshold=threshold_of,
+                        emit=emit)
     _RUN["after"] = load_average()
     return rows
 
@@ -190,8 +220,9 @@ def store_tuning(rows: List[dict], store: bool = True, load_before=None, load_af
     "tables": {machine key: {table key: table}}}``."""
     by_key: Dict[str, Dict[str, tuning.Table]] = {}
     for (dev, dtype, layout, op, backend), ratios in crossover.ratios_of_rows(rows).items():
+        previous = tuning.tuned_table(dev, dtype, layout, op, backend)
         by_key.setdefault(tuning.machine_key(dtype, dev), {})[tuning.table_key(dtype, layout, op, backend)] = \
-            tuning.derive_table(ratios)
+            tuning.derive_table(ratios, previous=previous)
     refused = refusal(rows, load_before, load_after, threads)
     path = None
     if store and not refused:
