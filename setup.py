@@ -31,7 +31,7 @@ def extension_modules():
         why = "USE_CUDA=0" if use_cuda_env == "0" else (
             f"no CUDA toolkit (CUDA_HOME={CUDA_HOME})" if CUDA_HOME is None else f"torch {torch.__version__} is CPU-only")
         print(f"[sparseadapter_kernels] skipping CUDA kernels: {why}", flush=True)
-    sources = read_sources("cpu") + (read_sources("cuda") if use_cuda else [])
+    sources = read_sources("cpu") + read_sources("python") + (read_sources("cuda") if use_cuda else [])
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     extra = {"cxx": cxx}
     if use_cuda:
@@ -42,7 +42,7 @@ def extension_modules():
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + arch
     ext_cls = CUDAExtension if use_cuda else CppExtension
     return [ext_cls("sparseadapter_kernels._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                    define_macros=[("SAK_WITH_CUDA", "1")] if use_cuda else [])]
+                    define_macros=[("SAK_PYTHON_MODULE", "1")] + ([("SAK_WITH_CUDA", "1")] if use_cuda else []))]
 
 
 def main():

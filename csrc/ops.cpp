@@ -8,13 +8,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// Importing sparseadapter_kernels._C runs the static registrations below (extension-cpp pattern). The
+// setuptools build defines the module in csrc/python/fast_calls.cpp (SAK_PYTHON_MODULE), with its direct calls.
+#ifndef SAK_PYTHON_MODULE
 extern "C" {
-// Importing sparseadapter_kernels._C runs the static registrations below (extension-cpp pattern).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(sparseadapter_kernels, m) {
   // y[N, M] = x[N, K] @ A.T, A = CSR [M, K] with M = crow_indices.numel() - 1.

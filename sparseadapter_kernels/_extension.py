@@ -21,6 +21,7 @@ class ExtensionStatus:
         self.loaded = False
         self.source = None
         self.error = None
+        self.direct = None  # the module's direct calls of the CPU kernels (csrc/python/fast_calls.cpp), if built
 
     def load(self) -> None:
         path = os.environ.get("SPARSEADAPTER_KERNELS_LIBRARY")
@@ -29,8 +30,9 @@ class ExtensionStatus:
                 torch.ops.load_library(path)
                 self.source = path
             else:
-                from . import _C  # noqa: F401  (registers the ops)
+                from . import _C  # (registers the ops)
                 self.source = _C.__file__
+                self.direct = _C if hasattr(_C, "direct_csr_linear") else None
             self.loaded = True
         except (ImportError, OSError, RuntimeError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"

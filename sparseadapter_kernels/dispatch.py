@@ -82,13 +82,24 @@ def _decision(device_type: str, dtype: torch.dtype, layout: str, op: str, backen
     return "prior", ()
 
 
+_ENV_BYTES = getattr(os.environ, "_data", None)  # CPython's bytes view of the environment (a dict)
+
+
+def _env(name: str) -> Optional[bytes]:
+    """An environment variable as bytes: a dict lookup (``os.environ.get`` of a missing name costs ~2 us, which
+    ``auto`` would pay on every call)."""
+    if isinstance(_ENV_BYTES, dict):
+        return _ENV_BYTES.get(name.encode())
+    value = os.environ.get(name)
+    return None if value is None else value.encode()
+
+
 def decision(device_type: str, dtype: torch.dtype, layout: str, op: str, backend: str) -> Tuple[str, tuning.Table]:
     """``(source, table)`` that auto uses here: source ``"tuned"``, ``"committed"`` or ``"prior"``.
     Looked up once per process and setting (threads, ``SAK_CPU_ISA``, ``SAK_TUNING_CACHE``, a store by this
     process)."""
-    env = os.environ
-    return _decision(device_type, dtype, layout, op, backend, torch.get_num_threads(), env.get("SAK_CPU_ISA"),
-                     env.get(tuning.CACHE_ENV), tuning.generation())
+    return _decision(device_type, dtype, layout, op, backend, torch.get_num_threads(), _env("SAK_CPU_ISA"),
+                     _env(tuning.CACHE_ENV), tuning.generation())
 
 
 class TuningHint(UserWarning):
@@ -145,13 +156,14 @@ def choose_backend(x: torch.Tensor, w, op: str) -> str:
     or ``"dense"`` (dense math, :func:`reference.sparse_linear` with the cached dense weight). Under
     torch.compile the choice is made at trace time (a constant of the graph)."""
     n_tokens = int(x.numel() // max(1, x.shape[-1]))
-    if x.device.type == "cpu":
-        _hint_untuned(x.dtype, w.layout, op, w.density, n_tokens)
-    for backend in _PREFERENCE.get(x.device.type, ()):
+    device, density = x.device.type, w.density
+    if device == "cpu":
+        _hint_untuned(x.dtype, w.layout, op, density, n_tokens)
+    for backend in _PREFERENCE.get(device, ()):
         if not backend_usable(backend):
             continue
-        if backend == "triton" and x.device.type == "cpu":
+        if backend == "triton" and device == "cpu":
             continue  # the interpreter is for correctness checks, never for speed
-        if w.density <= _density_limit(x.device.type, x.dtype, w.layout, op, backend, n_tokens):
+        if density <= _density_limit(device, x.dtype, w.layout, op, backend, n_tokens):
             return backend
     return "dense"

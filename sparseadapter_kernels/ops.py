@@ -27,6 +27,20 @@ from .formats import SparseWeight
 
 _lib = torch.ops.sparseadapter_kernels
 _OVERRIDE: List[str] = []
+_DIRECT = EXTENSION.direct
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct_cpu(x: torch.Tensor, *more: Optional[torch.Tensor]) -> bool:
+    """Whether a CPU kernel call may skip torch.ops for the extension's direct entry (same kernel, ~25 us less
+    per call: csrc/python/fast_calls.cpp): in eager mode, with no gradient to record, on plain tensors, with no
+    torch function / dispatch mode or functorch transform that must see the op."""
+    if _DIRECT is None or (torch.is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in more))):
+        return False
+    return (type(x) in _PLAIN and all(t is None or type(t) in _PLAIN for t in more)
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled() and not torch._C._are_functorch_transforms_active())
 
 
 @contextlib.contextmanager
@@ -118,21 +132,24 @@ def sparse_linear(x: torch.Tensor, w: SparseWeight, bias: Optional[torch.Tensor]
     _check_bias("bias", bias, w.out_features, x)
     backend = _resolve_backend(backend, x, w, "linear")
     _check_structure(backend, w)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.in_features).contiguous()
+    flat = x.dim() == 2
+    x2 = x.contiguous() if flat else x.reshape(-1, w.in_features).contiguous()
     if backend in ("reference", "dense"):
         y = reference.sparse_linear(x2, w, bias, cached=backend == "dense")
-        return y.reshape(*lead, w.out_features)
-    if backend == "triton":
-        from . import triton as triton_backend
-
-        y = triton_backend.sparse_linear(x2, w)
     else:
-        linear = _lib.csr_linear if w.layout == "csr" else _lib.bsr_linear
-        y = linear(x2, w.values, w.crow_indices, w.col_indices, w.t_crow_indices, w.t_row_indices, w.t_perm)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*lead, w.out_features)
+        if backend == "triton":
+            from . import triton as triton_backend
+
+            y = triton_backend.sparse_linear(x2, w)
+        else:
+            args = (x2, w.values, w.crow_indices, w.col_indices, w.t_crow_indices, w.t_row_indices, w.t_perm)
+            if backend == "cpu" and _direct_cpu(x2, w.values, bias):
+                y = (_DIRECT.direct_csr_linear if w.layout == "csr" else _DIRECT.direct_bsr_linear)(*args)
+            else:
+                y = (_lib.csr_linear if w.layout == "csr" else _lib.bsr_linear)(*args)
+        if bias is not None:
+            y = y + bias
+    return y if flat else y.reshape(*x.shape[:-1], w.out_features)
 
 
 def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_bias: Optional[torch.Tensor] = None,
@@ -179,11 +196,14 @@ def sparse_adapter(x: torch.Tensor, down: SparseWeight, up: SparseWeight, down_b
 
         out = triton_backend.sparse_adapter(x2, down, up, down_bias, up_bias, activation, float(scale), residual)
     else:
-        out, _ = _lib.fused_adapter(
-            x2, residual, down.values, down.crow_indices, down.col_indices, down.t_crow_indices,
-            down.t_row_indices, down.t_perm, down_bias, up.values, up.crow_indices, up.col_indices,
-            up.t_crow_indices, up.t_row_indices, up.t_perm, up_bias, activation, float(scale))
-    return out.reshape(*lead, up.out_features)
+        args = (x2, residual, down.values, down.crow_indices, down.col_indices, down.t_crow_indices,
+                down.t_row_indices, down.t_perm, down_bias, up.values, up.crow_indices, up.col_indices,
+                up.t_crow_indices, up.t_row_indices, up.t_perm, up_bias, activation, float(scale))
+        if backend == "cpu" and _direct_cpu(x2, residual, down.values, up.values, down_bias, up_bias):
+            out = _DIRECT.direct_fused_adapter(*args)
+        else:
+            out, _ = _lib.fused_adapter(*args)
+    return out if x.dim() == 2 else out.reshape(*lead, up.out_features)
 
 
 def segmented_adapter(x: torch.Tensor, rows: torch.Tensor, seg_ptr: torch.Tensor, down_values: List[torch.Tensor],
@@ -227,6 +247,8 @@ def segmented_adapter(x: torch.Tensor, rows: torch.Tensor, seg_ptr: torch.Tensor
                                   "(CPU tensors) or 'reference'")
     if not backend_usable("cpu"):
         raise RuntimeError(f"backend='cpu' is not available: {backend_status()['cpu'][1]}")
+    if _direct_cpu(x, residual, *down_values, *up_values, *down_bias, *up_bias):
+        return _DIRECT.direct_segmented_adapter(*args)
     return _lib.segmented_adapter(*args)
 
 
