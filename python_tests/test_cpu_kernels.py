@@ -634,6 +634,27 @@ def test_auto_dense_fallback_reuses_the_dense_weight():
     torch.testing.assert_close(v.grad, x.sum(0).repeat(64))
 
 
+def test_dense_weight_cache_sees_index_writes_and_revalidates():
+    """The kept dense weight is checked against the indices it was scattered from, byte for byte: an index
+    written in place (through .data, no version bump) is seen, a bad one refused rather than the stale weight
+    served, and the weight rebuilt once the indices are good again."""
+    w = make_weight((16, 24), 0.5, torch.float32, "csr", None)
+    with torch.no_grad():
+        first = w.to_dense_cached()
+        assert w.to_dense_cached() is first
+        k = int(w.col_indices.numel() // 2)
+        old = int(w.col_indices[k])
+        w.col_indices.data[k] = 10_000
+        with pytest.raises(ValueError, match="col_indices"):
+            w.to_dense_cached()
+        w.col_indices.data[k] = old
+        again = w.to_dense_cached()
+        assert torch.equal(again, w.to_dense()) and torch.equal(again, first)
+        w.row_indices.data[0] = 10_000
+        with pytest.raises(ValueError, match="row_indices|crow_indices"):
+            w.to_dense_cached()
+
+
 # -------------------------------------------------------------------------------------------------
 # The prepared-operand cache (csrc/cpu/prepared_cache.h): validated structure, regrouped layouts and
 # prepared values are reused across calls, and never outlive a change of the tensors they came from

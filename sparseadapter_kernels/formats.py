@@ -326,20 +326,23 @@ class SparseWeight:
         crossover in inference. Under autograd or on a GPU it is :meth:`to_dense` after
         :meth:`validate_cached`; under torch.compile plain :meth:`to_dense`.
 
-        The check compares bytes (the values against a copy kept with the dense weight; the structure
-        through :meth:`validate_cached`), never a version counter: fused optimizers, ``p.data`` writes,
-        ``param.data = ...`` and ``vector_to_parameters`` change values without bumping it."""
+        The check compares bytes, never a version counter (fused optimizers, ``p.data`` writes,
+        ``param.data = ...`` and ``vector_to_parameters`` change values without bumping it): the values and
+        the index fields the dense weight is scattered from (``row_indices``, ``col_indices``) against copies
+        kept with it, taken right after :meth:`validate` passed, in one call (:func:`_all_same_bytes`)."""
         v = self.values
         if torch.compiler.is_compiling():
             return self.to_dense()
-        structure = self.validate_cached().col_indices._sak_validated
         if (torch.is_grad_enabled() and v.requires_grad) or v.device.type != "cpu":
-            return self.to_dense()
+            return self.validate_cached().to_dense()
+        live = [self.row_indices, self.col_indices, v]
         hit = getattr(v, "_sak_dense_cache", None)
-        if hit is not None and hit.structure is structure and _all_same_bytes([hit.values], [v]):
+        if hit is not None and hit.meta == (self.shape, self.layout, self.block_size) and \
+                _all_same_bytes(hit.sources, live):
             return hit.dense
-        dense = self.to_dense()
-        v._sak_dense_cache = _DenseCache(structure, v.detach().clone(), dense)
+        dense = self.validate_cached().to_dense()
+        v._sak_dense_cache = _DenseCache((self.shape, self.layout, self.block_size),
+                                         [t.detach().clone() for t in live], dense)
         return dense
 
     def _scatter(self, vals: torch.Tensor, fill) -> torch.Tensor:
@@ -409,7 +412,7 @@ def _all_same_bytes(snapshots: List[torch.Tensor], live: List[torch.Tensor]) -> 
     """Whether every CPU tensor of ``live`` holds the bytes of its snapshot: one call of the extension's
     ``same_bytes`` (a few microseconds for an adapter's indices and values), else :func:`_same_bytes` each."""
     if _DIRECT is not None:
-        return _DIRECT.same_bytes(snapshots, [t.detach() for t in live])
+        return _DIRECT.same_bytes(snapshots, live)
     return all(_same_bytes(a, b) for a, b in zip(snapshots, live))
 
 
@@ -457,8 +460,8 @@ class _StructureSnapshot:
 class _DenseCache:
     """A dense weight with what it was built from (see :meth:`SparseWeight.to_dense_cached`)."""
 
-    structure: _StructureSnapshot
-    values: torch.Tensor
+    meta: tuple                 # (shape, layout, block_size)
+    sources: List[torch.Tensor]  # copies of row_indices, col_indices and values (validated structure)
     dense: torch.Tensor
 
 
