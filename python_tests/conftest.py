@@ -173,3 +173,24 @@ def check_projection_products(w, x, dy):
     assert_kernel_close(g, ref.sddmm(dy.double(), x.double(), v64, w.crow_indices, w.col_indices), dtype,
                         scale=reduction_scale(x.shape[0]), what="sddmm")
     return y
+
+
+def run_in_threads(work, n: int) -> None:
+    """Run ``work(i)`` for i < n in n threads at once; re-raise the first exception any of them raised."""
+    import threading
+
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as exc:  # noqa: BLE001 (re-raised below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

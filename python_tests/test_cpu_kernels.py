@@ -13,8 +13,8 @@ import torch
 import sparseadapter_kernels as sak
 from sparseadapter_kernels import reference as ref
 
-from conftest import (assert_kernel_close, check_projection_products, make_weight, randn, reduction_scale, sddmm_op,
-                      spmm_op)
+from conftest import (assert_kernel_close, check_projection_products, make_weight, randn, reduction_scale,
+                      run_in_threads, sddmm_op, spmm_op)
 
 pytestmark = pytest.mark.skipif(not sak.backend_status()["cpu"][0],
                                 reason=f"CPU kernels not built: {sak.backend_status()['cpu'][1]}")
@@ -764,30 +764,19 @@ def test_cache_inference_tensors():
 def test_cache_concurrent_calls():
     """Threads calling the ops at once on shared and private weights (cache lookups, inserts and
     evictions racing) all get the reference result."""
-    import threading
-
     weights = [make_weight((24, 300), 0.5 + 0.1 * (i % 4), dtype, "csr", None, seed=i)
                for i, dtype in enumerate([torch.float32, torch.bfloat16] * 3)]
     xs = {dt: randn(40, 300, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
     expected = [ref.spmm(xs[w.dtype].double(), w.values.double(), w.crow_indices, w.col_indices) for w in weights]
-    errors = []
 
     def work(tid):
-        try:
-            for it in range(30):
-                i = (tid + it) % len(weights)
-                w = weights[i]
-                y = lib.csr_spmm(xs[w.dtype], w.values, w.crow_indices, w.col_indices, None)
-                assert_kernel_close(y, expected[i], w.dtype, scale=reduction_scale(300), what=f"thread {tid} call {it}")
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
+        for it in range(30):
+            i = (tid + it) % len(weights)
+            w = weights[i]
+            y = lib.csr_spmm(xs[w.dtype], w.values, w.crow_indices, w.col_indices, None)
+            assert_kernel_close(y, expected[i], w.dtype, scale=reduction_scale(300), what=f"thread {tid} call {it}")
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(work, 4)
 
 
 def test_bad_cache_env(monkeypatch):

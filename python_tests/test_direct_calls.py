@@ -3,8 +3,6 @@ instead of torch.ops. They must give bit-identical results to the ops, and every
 (autograd, torch.compile, fake tensors, dispatch modes) still gets it."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -12,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sparseadapter_kernels import ops
 from sparseadapter_kernels._extension import EXTENSION
 
-from conftest import random_sparse, randn
+from conftest import random_sparse, randn, run_in_threads
 from test_segmented import make_case
 
 pytestmark = pytest.mark.skipif(EXTENSION.direct is None, reason="the setuptools build (with _C's direct calls) "
@@ -149,22 +147,14 @@ def test_direct_calls_run_in_parallel_threads():
     xs = [randn(64, 256, seed=s) for s in range(4)]
     with torch.no_grad():
         want = [ops.sparse_adapter(x, down, up, residual=x, backend="reference") for x in xs]
-    got, errors = [None] * 4, []
+    got = [None] * 4
 
     def work(i):
-        try:
-            with torch.no_grad():
-                for _ in range(50):
-                    got[i] = ops.sparse_adapter(xs[i], down, up, residual=xs[i], backend="cpu")
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        with torch.no_grad():
+            for _ in range(50):
+                got[i] = ops.sparse_adapter(xs[i], down, up, residual=xs[i], backend="cpu")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_in_threads(work, 4)
     for g, wnt in zip(got, want):
         torch.testing.assert_close(g, wnt, rtol=1e-4, atol=1e-4)
 

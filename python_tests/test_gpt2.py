@@ -124,11 +124,8 @@ def test_lora_on_conv1d_matches_dense_reference_and_peft(tmp_path):
     torch.testing.assert_close(got, logits(theirs, b), atol=1e-5, rtol=1e-5)
 
 
-def test_mixed_batch_matches_each_example_alone():
-    model = multi()
-    names = ["default", "b", "c", "d", "__base__", "b"]
-    b = inputs(bsz=len(names), seed=3)
-    got = logits(model, b, adapter_names=names)
+def assert_each_example_alone(model, b, names, got):
+    """Row i of the mixed-batch logits ``got`` equals example i run alone through adapter ``names[i]``."""
     for i, name in enumerate(names):
         one = {k: v[i:i + 1] for k, v in b.items()}
         if name == "__base__":
@@ -138,6 +135,14 @@ def test_mixed_batch_matches_each_example_alone():
             sak.set_adapter(model, name)
             want = logits(model, one)
         torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5, msg=f"example {i} ({name})")
+
+
+def test_mixed_batch_matches_each_example_alone():
+    model = multi()
+    names = ["default", "b", "c", "d", "__base__", "b"]
+    b = inputs(bsz=len(names), seed=3)
+    got = logits(model, b, adapter_names=names)
+    assert_each_example_alone(model, b, names, got)
     assert len({tuple(got[i, -1].tolist()) for i in range(4)}) == 4  # four different adapters
 
 
@@ -241,12 +246,4 @@ def test_relatives_default_sites_and_mixed_batch(model_type):
     names = ["default", "b", "c", "d", "__base__"]
     b = inputs(bsz=len(names), seed=3)
     got = logits(model, b, adapter_names=names)
-    for i, name in enumerate(names):
-        one = {k: v[i:i + 1] for k, v in b.items()}
-        if name == "__base__":
-            with sak.disable_adapter(model):
-                want = logits(model, one)
-        else:
-            sak.set_adapter(model, name)
-            want = logits(model, one)
-        torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5, msg=f"example {i} ({name})")
+    assert_each_example_alone(model, b, names, got)
